@@ -1,0 +1,393 @@
+"""Run configuration: one dataclass per component, loaded from YAML plus dotted CLI overrides.
+
+    cfg = load_config("configs/mlm/tiny.yaml", ["--optim.lr=3e-4", "--max_steps=50"])
+
+Every error (unknown key, wrong type, missing value, unreadable file) is a `ConfigError` whose message
+names the file and key; the CLI prints it on one line and exits with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key (or file) and what is wrong."""
+
+
+# ----------------------------------------------------------------------------- components
+@dataclass
+class SourceConfig:
+    """One data source. `name: bbc_news` is the built-in BBC News corpus; otherwise `path` is a
+    local file, directory or glob (text / jsonl / json / csv / parquet, picked by extension or `format`)."""
+
+    name: str | None = None
+    path: str | None = None
+    format: str | None = None  # text | json | csv | parquet (default: from the extension)
+    weight: float = 1.0  # sampling weight in a mix of several sources
+    text_column: str = "text"
+    id_column: str | None = None  # default: "<source>:<row number>"
+
+
+@dataclass
+class DataConfig:
+    # --- MLM (streaming) ---
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(name="bbc_news")])
+    seq_len: int = 128  # packed sequence length (MLM)
+    eval_fraction: float = 0.05  # documents held out (by a hash of their id) for the eval stream
+    shuffle_buffer: int = 256  # packed sequences in the (checkpointed) shuffle buffer
+    max_eval_batches: int = 0  # 0: the whole held-out stream
+    # --- classify (in memory) ---
+    train: str | None = None  # file / dir; or use `sources` (first) and a stratified split
+    validation: str | None = None
+    test: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    id_column: str | None = None
+    split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/validation/test
+    max_length: int = 128
+    group_by_length: bool = True
+    pad_to_max_length: bool = False  # the seed recipe's padding='max_length' (for comparison)
+    audit: str | None = None  # audit.json: report test metrics on all and on the clean subset
+    num_workers: int = 0
+
+
+@dataclass
+class TokenizerConfig:
+    path: str | None = None  # a local tokenizer dir; default: the model dir, else train one
+    vocab_size: int = 8192
+    lowercase: bool = True
+    train_documents: int = 0  # 0: all documents of the sources
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = "tiny"  # tiny | mini | small | base | large (random init)
+    path: str | None = None  # local pretrained dir (overrides preset)
+    attn_implementation: str = "sdpa"
+    hidden_dropout: float | None = None
+    attention_dropout: float | None = None
+
+
+@dataclass
+class MLMConfig:
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    whole_word_masking: bool = False
+    sparse_prediction: bool = True
+
+
+@dataclass
+class PeftConfig:
+    method: str | None = None  # lora | adalora
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    init_r: int = 12  # adalora
+    target_r: int = 4  # adalora
+
+
+@dataclass
+class ClassifyConfig:
+    epochs: float = 3.0  # used when max_steps is 0
+    class_weights: str | None = None  # inverse | effective
+    effective_beta: float = 0.999
+    resample: bool = False  # class-balanced weighted resampling of the train set
+    focal_gamma: float = 0.0  # > 0: focal loss
+    logit_adjustment: float = 0.0  # tau > 0: add tau*log(prior) to train logits (Menon et al.)
+    posthoc_logit_adjustment: float = 0.0  # tau > 0: subtract tau*log(prior) at prediction time
+    metric_for_best: str = "macro_f1"
+    early_stopping_patience: int = 0  # evals without improvement; 0: off
+    report_every_epoch: bool = False
+    peft: PeftConfig = field(default_factory=PeftConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    scheduler: str = "linear"  # linear | cosine | constant_with_warmup | constant | wsd
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.06
+    decay_ratio: float = 0.2  # wsd: fraction of steps spent decaying
+    max_grad_norm: float = 1.0
+    fused: bool = True  # fused / foreach AdamW where available
+
+
+@dataclass
+class TrackingConfig:
+    report_to: str = "none"  # wandb | tensorboard | none (metrics.jsonl is always written)
+    project: str = "llm_dist"
+    run_name: str | None = None
+    peak_tflops: float = 0.0  # MFU denominator per device; 0: guess from the device
+    progress: bool = True  # tqdm bar on the main process
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str | None = None  # path to a DeepSpeed JSON (configs/deepspeed/*.json)
+
+
+@dataclass
+class RunConfig:
+    task: str = "mlm"  # mlm | classify
+    output_dir: str = "runs/demo"
+    seed: int = 42
+    max_steps: int = 200  # optimizer steps (classify: 0 = use classify.epochs)
+    max_tokens: int = 0  # stop after this many tokens (all ranks); 0: off
+    save_every: int = 0  # steps; 0: only at the end / on a signal
+    eval_every: int = 0  # steps; 0: only at the end
+    log_every: int = 10
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | never | PATH of a checkpoint dir
+    batch_size: int = 32  # per device micro-batch
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    then: str | None = None  # a second config to run after this one (the demo: pretrain → classify)
+
+    def validate(self) -> "RunConfig":
+        choices = {
+            "task": ("mlm", "classify"),
+            "mixed_precision": ("no", "bf16", "fp16"),
+            "optim.scheduler": ("linear", "cosine", "constant_with_warmup", "constant", "wsd"),
+            "tracking.report_to": ("wandb", "tensorboard", "none"),
+        }
+        for key, allowed in choices.items():
+            value = _get(self, key)
+            if value not in allowed:
+                raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+        if self.classify.class_weights not in (None, "inverse", "effective"):
+            raise ConfigError(f"config key 'classify.class_weights': {self.classify.class_weights!r} is not one of inverse, effective")
+        if self.classify.peft.method not in (None, "lora", "adalora"):
+            raise ConfigError(f"config key 'classify.peft.method': {self.classify.peft.method!r} is not one of lora, adalora")
+        positive = ["batch_size", "grad_accum", "log_every", "data.seq_len", "data.max_length"]
+        for key in positive:
+            if _get(self, key) < 1:
+                raise ConfigError(f"config key '{key}': must be >= 1, got {_get(self, key)}")
+        if not 0 < self.mlm.mlm_probability < 1:
+            raise ConfigError(f"config key 'mlm.mlm_probability': must be in (0, 1), got {self.mlm.mlm_probability}")
+        if self.task == "mlm" and self.max_steps < 1 and self.max_tokens < 1:
+            raise ConfigError("config key 'max_steps': an MLM run needs max_steps >= 1 or max_tokens >= 1")
+        if self.model.path is None and self.model.preset is None:
+            raise ConfigError("config key 'model.preset': missing (or set model.path)")
+        for i, src in enumerate(self.data.sources):
+            if (src.name is None) == (src.path is None):
+                raise ConfigError(f"config key 'data.sources.{i}': give exactly one of 'name' or 'path'")
+        return self
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------------- building from dicts
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert `value` to the annotated type `tp`; raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a mapping, got {value!r}")
+        return build(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def build(cls: type, values: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            idx = int(part)
+            if idx >= len(node):
+                raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}': index {idx} out of range")
+            node = node[idx]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}' (overrides look like --key=value)")
+        body = arg[2:]
+        if "=" in body:
+            key, raw = body.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, raw = body, args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"config key '{body}': missing value (use --{body}=VALUE)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.replace("-", "_") if key.count(".") == 0 else key, value))
+        i += 1
+    return out
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (default: the embedded demo) + `--dotted.key=value` overrides → validated RunConfig."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys")
+    # Start from the defaults so overrides can reach into nested defaults (e.g. data.sources.0.weight).
+    tree = _to_plain(RunConfig())
+    _merge(tree, raw)
+    for key, value in parse_overrides(overrides or []):
+        _check_key(key)
+        _set_dotted(tree, key, value)
+    try:
+        cfg = build(RunConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg.validate()
+
+
+def _merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def _check_key(dotted: str) -> None:
+    """Reject an override naming an unknown key before it is merged (so the message names it)."""
+    cls: Any = RunConfig
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if cls is None:
+            return
+        if part.isdigit():
+            continue
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            prefix = ".".join(parts[:i])
+            close = difflib.get_close_matches(part, list(hints), n=1)
+            hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        tp = hints[part]
+        cls = None
+        for cand in (tp, *typing.get_args(tp), *[a for t in typing.get_args(tp) for a in typing.get_args(t)]):
+            if dataclasses.is_dataclass(cand):
+                cls = cand
+                break
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return _to_plain(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

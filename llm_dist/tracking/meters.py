@@ -1,0 +1,78 @@
+"""Throughput, MFU and memory meters, and the metrics.jsonl writer."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+# Dense bf16 peak TFLOPs per device, for the MFU estimate when tracking.peak_tflops is 0.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0, "L4": 121.0,
+               "V100": 125.0, "T4": 65.0, "4090": 165.0, "3090": 71.0}
+CPU_PEAK_TFLOPS = 0.5  # a rough per-process CPU figure; set tracking.peak_tflops for your machine
+
+
+def peak_tflops(configured: float) -> float:
+    if configured > 0:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+        return 100.0
+    return CPU_PEAK_TFLOPS
+
+
+def memory_stats() -> dict:
+    out = {"rss_gb": psutil.Process(os.getpid()).memory_info().rss / 2**30}
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+class Throughput:
+    """Tokens/s and samples/s over the interval since the last `read()`, plus MFU."""
+
+    def __init__(self, flops_per_token: float, peak: float, world_size: int):
+        self.flops_per_token, self.peak, self.world = flops_per_token, peak, world_size
+        self.reset()
+
+    def reset(self):
+        self.t0, self.tokens, self.samples = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int, samples: int):
+        self.tokens += tokens
+        self.samples += samples
+
+    def read(self) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        tps = self.tokens / dt
+        out = {"tokens_per_s": tps, "samples_per_s": self.samples / dt,
+               "mfu": self.flops_per_token * tps / (self.peak * 1e12 * self.world)}
+        self.reset()
+        return out
+
+
+class MetricsWriter:
+    """One JSON object per line in `output_dir/metrics.jsonl` (main process only). On resume, rows
+    past the resumed step are dropped so the file reads as one run."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(k + "\n" for k in keep))
+
+    def write(self, row: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row, default=float) + "\n")

@@ -1,0 +1,276 @@
+"""The training loop: one readable loop for every task.
+
+config → accelerator → task (tokenizer, data, model) → optimizer/schedule → prepare → resume →
+    for each step: pull grad_accum micro-batches, count loss units (masked tokens / examples) across
+    ranks, backward each micro-batch's summed loss / global count, clip, step, log, eval, checkpoint
+→ final/ export.
+
+The loop knows nothing of MLM or classification: a task turns a batch into a summed loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+
+from ..config import RunConfig, save_config, to_dict
+from ..tracking.meters import MetricsWriter, Throughput, memory_stats, peak_tflops
+from .checkpoint import Checkpointer, load_data_state, load_trainer_state, resolve_resume
+from .optim import build_optimizer, build_scheduler
+from .signals import StopSignal
+
+
+def build_accelerator(cfg: RunConfig) -> Accelerator:
+    out = Path(cfg.output_dir)
+    handlers = []
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # CPU ranks talk over gloo (DeepSpeed through accelerate needs this said explicitly)
+        from datetime import timedelta
+
+        handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
+    ds_plugin = None
+    if cfg.deepspeed.config:
+        ds_plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed.config, gradient_accumulation_steps=cfg.grad_accum,
+                                    gradient_clipping=cfg.optim.max_grad_norm)
+    log_with = None if cfg.tracking.report_to == "none" else cfg.tracking.report_to
+    if log_with == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out),
+                       kwargs_handlers=handlers, deepspeed_plugin=ds_plugin,
+                       gradient_accumulation_steps=cfg.grad_accum if ds_plugin else 1)
+
+
+def make_task(cfg: RunConfig, accelerator):
+    if cfg.task == "mlm":
+        from ..tasks.mlm import MLMTask
+
+        return MLMTask(cfg, accelerator)
+    from ..tasks.classify import ClassifyTask
+
+    return ClassifyTask(cfg, accelerator)
+
+
+def _to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def train_step(model, task, micro_batches: list[dict], accelerator, world_size: int, extra_flag: float = 0.0):
+    """Forward/backward of one optimizer step over `micro_batches` (this rank's share).
+
+    The loss of the step is sum(per-unit losses over all micro-batches and ranks) / (their count), so
+    2 ranks × accum 1 computes the same gradient as 1 rank × accum 2 over the same examples. DDP averages
+    gradients over ranks, hence the × world_size. Returns (global count, global tokens, flag sum,
+    local summed loss, local metric sums)."""
+    local = torch.tensor([sum(task.count(b) for b in micro_batches), sum(task.tokens(b) for b in micro_batches),
+                          extra_flag], dtype=torch.float64, device=accelerator.device)
+    glob = accelerator.reduce(local, reduction="sum") if world_size > 1 else local
+    n_global = max(glob[0].item(), 1.0)
+    loss_total, sums = 0.0, {}
+    is_ds = accelerator.distributed_type.value == "DEEPSPEED"
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if (last or is_ds) else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            loss_sum, metrics = task.loss(model, mb)
+            scale = world_size / n_global
+            if is_ds:  # the DeepSpeed engine divides by its gradient-accumulation steps itself
+                scale *= len(micro_batches)
+            accelerator.backward(loss_sum * scale)
+        loss_total += loss_sum.detach().float().item()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return glob[0].item(), glob[1].item(), glob[2].item(), loss_total, sums
+
+
+def run(cfg: RunConfig) -> dict:
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = build_accelerator(cfg)
+    acc, main = accelerator, accelerator.is_main_process
+    world = acc.num_processes
+    set_seed(cfg.seed)
+    if main:
+        save_config(cfg, out / "config.yaml")
+
+    task = make_task(cfg, acc)
+    model = task.model.to(acc.device)
+    total_steps = task.total_steps()
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)
+    ckpt = Checkpointer(out / "checkpoints", acc, keep=cfg.keep_checkpoints)
+
+    state = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "world_size": world}
+    resume_from = resolve_resume(cfg.resume, cfg.output_dir)
+    if resume_from is not None:
+        acc.load_state(str(resume_from))
+        saved = load_trainer_state(resume_from)
+        state.update({k: saved[k] for k in ("step", "tokens_seen", "samples_seen") if k in saved})
+        task.load_resume_state(saved) if hasattr(task, "load_resume_state") else None
+        data_state = load_data_state(resume_from, acc.process_index)
+        if data_state is not None and saved.get("world_size", world) == world:
+            task.load_data_state(data_state)
+        elif main:
+            print(f"warning: {resume_from} was saved with world size {saved.get('world_size')}; "
+                  f"data position re-initialised for {world} ranks", file=sys.stderr)
+        if main:
+            print(f"resumed from {resume_from} at step {state['step']}")
+
+    if cfg.tracking.report_to != "none":
+        init_kwargs = {"wandb": {"dir": str(out), "name": cfg.tracking.run_name or out.name}}
+        acc.init_trackers(cfg.tracking.project, config=_flat(to_dict(cfg)), init_kwargs=init_kwargs)
+    writer = MetricsWriter(out / "metrics.jsonl", main, state["step"] if resume_from else None)
+    meter = Throughput(task.flops_per_token(), peak_tflops(cfg.tracking.peak_tflops), world)
+    stop = StopSignal()
+    bar = tqdm(total=total_steps if total_steps < 10**9 else None, initial=state["step"], disable=not main or not cfg.tracking.progress,
+               desc=cfg.task, dynamic_ncols=True)
+
+    def log(row: dict):
+        row = {"step": state["step"], **row}
+        writer.write(row)
+        if cfg.tracking.report_to != "none":
+            acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state["step"])
+
+    model.train()
+    window = {"loss": 0.0, "count": 0.0, "sums": {}}
+    signalled, finished = False, False
+    best = None
+    t_start = time.time()
+    while state["step"] < total_steps:
+        micro = []
+        for _ in range(cfg.grad_accum):
+            try:
+                micro.append(_to_device(task.next_batch(), acc.device))
+            except StopIteration:
+                break
+        if not micro:
+            finished = True
+            break
+        n, tokens, flag, loss_local, sums = train_step(model, task, micro, acc, world, float(stop.flag))
+        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 and not _is_ds(acc) else None
+        if _is_ds(acc):
+            grad_norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if hasattr(task, "after_step"):
+            task.after_step(acc.unwrap_model(model), state["step"])
+        state["step"] += 1
+        state["tokens_seen"] += int(tokens)
+        state["samples_seen"] += int(sum(b["input_ids"].shape[0] for b in micro)) * world
+        meter.add(int(tokens), sum(b["input_ids"].shape[0] for b in micro) * world)
+        window["loss"] += loss_local
+        window["count"] += n / world  # local share; the log step reduces exactly below
+        for k, v in sums.items():
+            window["sums"][k] = window["sums"].get(k, 0.0) + v
+        bar.update(1)
+
+        if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+            keys = sorted(window["sums"])
+            vec = torch.tensor([window["loss"], *[window["sums"][k] for k in keys]], dtype=torch.float64,
+                               device=acc.device)
+            vec = acc.reduce(vec, reduction="sum") if world > 1 else vec
+            count = window["count"] * world
+            row = {"loss": vec[0].item() / max(count, 1.0), "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   **meter.read(), "tokens_seen": state["tokens_seen"], "samples_seen": state["samples_seen"],
+                   **task.log_row({k: vec[i + 1].item() for i, k in enumerate(keys)}, count), **memory_stats()}
+            log(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            window = {"loss": 0.0, "count": 0.0, "sums": {}}
+
+        done = state["step"] >= total_steps or (cfg.max_tokens and state["tokens_seen"] >= cfg.max_tokens)
+        if flag > 0:
+            signalled = True
+        if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not done and not signalled:
+            metrics = task.evaluate(model, state["step"])
+            log(metrics)
+            best, stop_early = _track_best(task, metrics, best, state, ckpt, cfg, acc)
+            if stop_early:
+                done = True
+        if signalled or (cfg.save_every and state["step"] % cfg.save_every == 0 and not done):
+            ckpt.save(state["step"], _trainer_state(state, task, best), task.data_state())
+        if signalled:
+            if main:
+                print(f"checkpoint saved on signal at step {state['step']}", flush=True)
+            break
+        if done:
+            break
+    bar.close()
+    stop.restore()
+
+    result = {"final_step": state["step"], "world_size": world, "num_machines": _num_machines(world),
+              "tokens_seen": state["tokens_seen"], "signalled": signalled,
+              "train_seconds": time.time() - t_start}
+    if not signalled:
+        metrics = task.evaluate(model, state["step"])
+        log(metrics)
+        best, _ = _track_best(task, metrics, best, state, ckpt, cfg, acc)
+        result["eval"] = metrics
+        ckpt.save(state["step"], _trainer_state(state, task, best), task.data_state()) if cfg.save_every else None
+        export_final(task, model, acc, out / "final", best)
+        if hasattr(task, "final_report"):
+            result.update(task.final_report(model, out))
+    if main:
+        (out / "run.json").write_text(json.dumps(result, indent=1, default=float))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def _is_ds(acc) -> bool:
+    return acc.distributed_type.value == "DEEPSPEED"
+
+
+def _num_machines(world: int) -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or world)
+    return max(1, world // max(local, 1))
+
+
+def _trainer_state(state: dict, task, best) -> dict:
+    extra = task.resume_state() if hasattr(task, "resume_state") else {}
+    return {**state, **extra, "best": best}
+
+
+def _track_best(task, metrics, best, state, ckpt, cfg, acc):
+    """Classification keeps the best model by a metric; MLM has nothing to keep."""
+    if not hasattr(task, "track_best"):
+        return best, False
+    return task.track_best(metrics, best, state, acc)
+
+
+def export_final(task, model, acc, final: Path, best) -> None:
+    """Every rank gathers the (possibly sharded) state dict; the main process writes `final/` atomically."""
+    state_dict = acc.get_state_dict(model)
+    if acc.is_main_process:
+        import shutil
+
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        task.save_final(acc.unwrap_model(model), state_dict, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    acc.wait_for_everyone()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, list):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+    return out
