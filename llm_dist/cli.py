@@ -13,7 +13,7 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    warnings.filterwarnings("ignore", message=".*torch.utils._pytree.*")
+    warnings.filterwarnings("ignore", message=".*(torch.utils._pytree|set_vital).*")
 
 
 def train_main(argv: list[str]) -> int:

@@ -130,7 +130,7 @@ GresTypes=gpu
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
-# keep finished jobs visible to `scontrol show job` for 10 min
+# keep finished jobs visible to "scontrol show job" for 10 min
 MinJobAge=600
 KillWait=15
 InactiveLimit=0
@@ -146,7 +146,12 @@ EOF
         echo "PartitionName=$PARTITION Nodes=$nodelist Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"
     } >"$CONF.tmp"
     mv "$CONF.tmp" "$CONF"
-    echo "NodeName=$nodelist Name=gpu Count=$FAKE_GPUS" >"$STATE_DIR/etc/gres.conf"
+    # gres/gpu drops file-less GPUs, and wants character devices: fake them
+    # with symlinks to /dev/null (TaskPlugin=task/none: nothing is constrained).
+    mkdir -p "$STATE_DIR/dev"
+    local i
+    for ((i = 0; i < FAKE_GPUS; i++)); do ln -sfn /dev/null "$STATE_DIR/dev/gpu$i"; done
+    echo "NodeName=$nodelist Name=gpu File=$STATE_DIR/dev/gpu[0-$((FAKE_GPUS - 1))]" >"$STATE_DIR/etc/gres.conf"
 }
 
 munge_up() { pid_alive "$(pid_of "$MUNGE_DIR/run/munged.pid")" && [[ -S $MUNGE_SOCKET ]]; }
@@ -180,7 +185,7 @@ start() {
     # Something is partly up (or stale): restart cleanly.
     stop_daemons quiet
     write_config
-    export LLM_DIST_SLURM_STATE=$STATE_DIR
+    export LLM_DIST_SLURM_STATE=$STATE_DIR SLURM_CONF=$CONF
     rm -f "$MUNGE_SOCKET" "$MUNGE_SOCKET.lock"
     munged --force --socket="$MUNGE_SOCKET" --key-file="$MUNGE_DIR/etc/munge.key" \
         --log-file="$MUNGE_DIR/log/munged.log" --pid-file="$MUNGE_DIR/run/munged.pid" \

@@ -40,6 +40,11 @@ def train_wordpiece(texts, vocab_size: int, lowercase: bool = True) -> PreTraine
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=2)
     tok.train_from_iterator(texts, trainer=trainer)
+    # The trainer breaks frequency ties in hash order, so ids differ between processes: renumber the
+    # (identical) vocabulary canonically so the same corpus always gives the same tokenizer.
+    learned = tok.get_vocab()
+    order = special + sorted(t for t in learned if t not in special)
+    tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(order)}, unk_token="[UNK]")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -128,9 +133,12 @@ class SparseMLM(nn.Module):
     def __init__(self, hf_model: nn.Module, sparse: bool = True):
         super().__init__()
         self.hf = hf_model
-        self.head = getattr(hf_model, "cls", None) or getattr(hf_model, "lm_head", None)
         self.sparse = sparse and self.head is not None
         self.config = hf_model.config
+
+    @property
+    def head(self):  # not a registered submodule: the parameters stay under `hf.` only
+        return getattr(self.hf, "cls", None) or getattr(self.hf, "lm_head", None)
 
     def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None):
         sel = labels != -100

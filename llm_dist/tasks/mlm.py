@@ -47,7 +47,7 @@ class MLMTask:
 
     def load_data_state(self, state: dict) -> None:
         self.loader.load_state_dict(state["loader"])
-        self._iter = None
+        self._iter = iter(self.loader)
 
     @staticmethod
     def count(batch: dict) -> int:

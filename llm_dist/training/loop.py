@@ -113,16 +113,15 @@ def run(cfg: RunConfig) -> dict:
     state = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "world_size": world}
     resume_from = resolve_resume(cfg.resume, cfg.output_dir)
     if resume_from is not None:
-        acc.load_state(str(resume_from))
         saved = load_trainer_state(resume_from)
         state.update({k: saved[k] for k in ("step", "tokens_seen", "samples_seen") if k in saved})
-        task.load_resume_state(saved) if hasattr(task, "load_resume_state") else None
         data_state = load_data_state(resume_from, acc.process_index)
         if data_state is not None and saved.get("world_size", world) == world:
-            task.load_data_state(data_state)
+            task.load_data_state(data_state)  # (re)creates the data iterator, which draws from the RNG…
         elif main:
             print(f"warning: {resume_from} was saved with world size {saved.get('world_size')}; "
                   f"data position re-initialised for {world} ranks", file=sys.stderr)
+        acc.load_state(str(resume_from))  # …so the RNG states are restored after it
         if main:
             print(f"resumed from {resume_from} at step {state['step']}")
 
@@ -176,6 +175,7 @@ def run(cfg: RunConfig) -> dict:
         bar.update(1)
 
         if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
+            window["sums"]["batch_fingerprint"] = float(sum(_fingerprint(b) for b in micro))
             keys = sorted(window["sums"])
             vec = torch.tensor([window["loss"], *[window["sums"][k] for k in keys]], dtype=torch.float64,
                                device=acc.device)
@@ -185,6 +185,7 @@ def run(cfg: RunConfig) -> dict:
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    **meter.read(), "tokens_seen": state["tokens_seen"], "samples_seen": state["samples_seen"],
                    **task.log_row({k: vec[i + 1].item() for i, k in enumerate(keys)}, count), **memory_stats()}
+            row["batch_fingerprint"] = int(vec[1 + keys.index("batch_fingerprint")].item())
             log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             window = {"loss": 0.0, "count": 0.0, "sums": {}}
@@ -221,11 +222,28 @@ def run(cfg: RunConfig) -> dict:
         export_final(task, model, acc, out / "final", best)
         if hasattr(task, "final_report"):
             result.update(task.final_report(model, out))
+    result["param_checksums"] = _param_checksums(model, acc)
     if main:
         (out / "run.json").write_text(json.dumps(result, indent=1, default=float))
     acc.wait_for_everyone()
     acc.end_training()
     return result
+
+
+def _param_checksums(model, acc) -> list[float]:
+    """Each rank's sum of |parameters|: equal values mean the replicas stayed in sync."""
+    if _is_ds(acc):
+        return []
+    local = torch.tensor([sum(p.detach().double().abs().sum().item() for p in model.parameters())],
+                         dtype=torch.float64, device=acc.device)
+    return [float(x) for x in acc.gather(local).cpu()]
+
+
+def _fingerprint(batch: dict) -> int:
+    """A checksum of the step's inputs (summed over ranks when logged): equal rows mean equal batches."""
+    import zlib
+
+    return zlib.crc32(batch["input_ids"].cpu().numpy().tobytes()) % 1_000_003
 
 
 def _is_ds(acc) -> bool:

@@ -1,0 +1,164 @@
+"""Per-document features: everything later stages need, computed in one pass over the text.
+
+A worker turns a batch of documents into columns (hash, MinHash signature, token count, profile / quality
+/ PII flags) plus, for train documents, the eval examples whose n-grams they contain. Only these columns
+are kept; texts are dropped as soon as a batch is done, so memory grows with the number of documents
+(~`num_perm`·4 bytes each), not with the corpus size.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from datasketch import MinHash
+
+from .config import AuditConfig, AuditError
+from .pii import KINDS as PII_KINDS, pii_counts
+from .quality import quality_flags
+from .text import exact_hash, ngram_hashes, norm_words, shingle_hashes32, word_hashes
+
+PROFILE_FLAGS = ("empty", "near_empty", "high_nonletter", "replacement_char", "mojibake", "control_chars")
+PBIT = {name: 1 << i for i, name in enumerate(PROFILE_FLAGS)}
+_NONLETTER = re.compile(r"[^\w\s]|[\d_]")
+# UTF-8 read as Latin-1/cp1252: 'Ã©', 'â€™', 'Â ' …
+_MOJIBAKE = re.compile("(?:\u00c3[\u0080-\u00bf\u0152-\u0178\u2018-\u203a]|\u00e2\u20ac[\u0080-\u00bf\u2018-\u203a\u2122\u0153\u017e\u02dc\u0161\u0153\u201c\u009d]|\u00c2[\u00a0-\u00bf])")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+COLUMNS = ("pos", "id", "label", "n_chars", "n_words", "n_tokens", "hash", "sig", "qflags", "pflags",
+           "nonletter", "ngram_total") + tuple(f"pii_{k}" for k in PII_KINDS)
+
+
+def profile_flags(text: str, n_words: int, nonletter_threshold: float) -> tuple[int, float]:
+    mask = 0
+    stripped = text.strip()
+    if not stripped:
+        return PBIT["empty"], 0.0
+    nonspace = sum(map(len, text.split()))
+    if n_words < 3 or nonspace < 10:
+        mask |= PBIT["near_empty"]
+    _, nonletter = _NONLETTER.subn("", text)
+    ratio = nonletter / nonspace if nonspace else 0.0
+    if ratio > nonletter_threshold:
+        mask |= PBIT["high_nonletter"]
+    if "\ufffd" in text:
+        mask |= PBIT["replacement_char"]
+    if _MOJIBAKE.search(text):
+        mask |= PBIT["mojibake"]
+    if _CONTROL.search(text):
+        mask |= PBIT["control_chars"]
+    return mask, ratio
+
+
+# ----------------------------------------------------------------------------- tokenizer
+class TokenCounter:
+    """Counts tokens with the run's tokenizer (a `tokenizer.json` dir or any `AutoTokenizer` dir),
+    or whitespace words when there is none."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.name = "whitespace words (no tokenizer given)" if path is None else str(path)
+        self._fast = self._hf = None
+        if path is None:
+            return
+        p = Path(path)
+        try:
+            if (p / "tokenizer.json").is_file() or p.suffix == ".json":
+                from tokenizers import Tokenizer
+
+                self._fast = Tokenizer.from_file(str(p / "tokenizer.json" if p.is_dir() else p))
+                self._fast.no_truncation()
+                self._fast.no_padding()
+            else:
+                from transformers import AutoTokenizer
+
+                self._hf = AutoTokenizer.from_pretrained(str(p))
+        except Exception as e:  # noqa: BLE001 - any load failure is a bad path for the user
+            raise AuditError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+    def __call__(self, texts: list[str]) -> list[int]:
+        if self._fast is not None:
+            return [len(e.ids) for e in self._fast.encode_batch(texts)]
+        if self._hf is not None:
+            return [len(ids) for ids in self._hf(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        return [len(t.split()) for t in texts]
+
+
+# ----------------------------------------------------------------------------- worker state
+_STATE: dict = {}
+
+
+def permutations(cfg: AuditConfig) -> np.ndarray:
+    return MinHash(num_perm=cfg.num_perm, seed=cfg.seed).permutations
+
+
+def init_worker(cfg_dict: dict, tokenizer_path: str | None, index: tuple | None) -> None:
+    """Set up a worker (or the main process): config, tokenizer, MinHash permutations, eval n-gram index."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    cfg = AuditConfig.from_dict(cfg_dict)
+    _STATE.update(cfg=cfg, tok=TokenCounter(tokenizer_path), perms=permutations(cfg), index=index)
+
+
+def _ident(x):
+    return x
+
+
+def doc_features(text: str, cfg: AuditConfig, perms) -> tuple[dict, np.ndarray]:
+    """One document's features and its distinct n-gram hashes (for leakage)."""
+    words = norm_words(text)
+    wh = word_hashes(words)
+    m = MinHash(num_perm=cfg.num_perm, hashfunc=_ident, permutations=perms, scheme="affine32")
+    sh = shingle_hashes32(wh, cfg.shingle_size)
+    if len(sh):
+        m.update_batch(sh)
+    n_words = len(text.split())
+    pflags, nonletter = profile_flags(text, n_words, cfg.nonletter_threshold)
+    pii = pii_counts(text)
+    feats = {
+        "n_chars": len(text), "n_words": n_words, "hash": exact_hash(text), "sig": m.hashvalues,
+        "qflags": quality_flags(text, words, wh, cfg.min_words, cfg.max_words), "pflags": pflags,
+        "nonletter": nonletter, **{f"pii_{k}": v for k, v in pii.items()},
+    }
+    grams = np.unique(ngram_hashes(wh, cfg.ngram_size))
+    return feats, grams
+
+
+def process_batch(args: tuple) -> tuple[dict, list]:
+    """Worker task. `args` = (is_train, batch of (pos, id, text, label, owned)).
+
+    Returns (columns of the owned documents, extra) where extra is, for eval splits, the distinct
+    n-gram hashes of every document in the batch (owned or not: each shard needs the whole eval index),
+    and for train, `(train_id, eval_owner_ids, matched_hashes)` for documents sharing n-grams with eval."""
+    is_train, batch = args
+    cfg, perms, index = _STATE["cfg"], _STATE["perms"], _STATE["index"]
+    cols: dict[str, list] = {c: [] for c in COLUMNS}
+    extra: list = []
+    owned = [r for r in batch if r[4]]
+    tokens = _STATE["tok"]([r[2] for r in owned]) if owned else []
+    t_iter = iter(tokens)
+    for pos, doc_id, text, label, is_owned in batch:
+        if not is_owned:
+            if not is_train:
+                extra.append(np.unique(ngram_hashes(word_hashes(norm_words(text)), cfg.ngram_size)))
+            continue
+        feats, grams = doc_features(text, cfg, perms)
+        cols["pos"].append(pos)
+        cols["id"].append(doc_id)
+        cols["label"].append(label)
+        cols["n_tokens"].append(next(t_iter))
+        cols["ngram_total"].append(len(grams))
+        for k, v in feats.items():
+            cols[k].append(v)
+        if not is_train:
+            extra.append(grams)
+        elif index is not None and len(grams):
+            ng_hash, ng_owner = index
+            lo = np.searchsorted(ng_hash, grams, "left")
+            hi = np.searchsorted(ng_hash, grams, "right")
+            hit = hi > lo
+            if hit.any():
+                owners = np.concatenate([ng_owner[a:b] for a, b in zip(lo[hit], hi[hit])])
+                hashes = np.repeat(grams[hit], (hi - lo)[hit])
+                extra.append((doc_id, owners, hashes))
+    return cols, extra
