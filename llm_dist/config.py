@@ -238,6 +238,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -266,7 +271,7 @@ def build(cls: type, values: dict, prefix: str = "") -> Any:
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{full}'{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
@@ -374,7 +379,7 @@ def _check_key(dotted: str) -> None:
         hints = typing.get_type_hints(cls)
         if part not in hints:
             prefix = ".".join(parts[:i])
-            close = difflib.get_close_matches(part, list(hints), n=1)
+            close = difflib.get_close_matches(part, list(hints), n=1, cutoff=0.5)
             hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{dotted}'{hint}")
         tp = hints[part]

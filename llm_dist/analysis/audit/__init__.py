@@ -1,0 +1,48 @@
+"""Data audit (`llm-dist audit`): profile, duplicates, leakage, quality, PII — before any GPU hour.
+
+Public API:
+- `main(argv) -> int`: the CLI (`llm-dist audit`, `python -m llm_dist.audit`).
+- `run_audit(spec, output_dir, cfg=AuditConfig(), ...) -> dict`: one-machine audit; `spec` from
+  `file_spec(...)` / `config_spec(...)`.
+- `scan_shard(...)` / `merge_partials(...)`: the sharded path (SLURM array + merge).
+- `leaked_ids(audit_json, split="test") -> set[str]`: ids with any train overlap (for clean-subset metrics).
+See docs/audit.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from .cli import main
+from .config import AuditConfig, AuditError
+from .reader import config_spec, file_spec
+from .run import merge_partials, run_audit, scan_shard
+
+__all__ = ["AuditConfig", "AuditError", "main", "run_audit", "scan_shard", "merge_partials", "leaked_ids",
+           "file_spec", "config_spec", "load_audit"]
+
+
+def load_audit(path: str | os.PathLike) -> dict:
+    """An `audit.json` (or the directory holding one)."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        p = os.path.join(p, "audit.json")
+    try:
+        with open(p, encoding="utf-8") as fh:
+            res = json.load(fh)
+    except OSError as e:
+        raise AuditError(f"{p}: cannot read audit ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise AuditError(f"{p}: not valid JSON ({e.msg})") from None
+    if not isinstance(res, dict) or "leakage" not in res or "splits" not in res:
+        raise AuditError(f"{p}: not an audit.json (no 'leakage' / 'splits')")
+    return res
+
+
+def leaked_ids(audit_json_path: str | os.PathLike, split: str = "test", kinds: tuple[str, ...] | None = None) -> set[str]:
+    """Ids of the `split` examples with any train overlap (exact, near or n-gram; or only `kinds`).
+    The clean subset of that split is every other example."""
+    res = load_audit(audit_json_path)
+    if split not in res["splits"]:
+        raise AuditError(f"{audit_json_path}: no split '{split}' in the audit (splits: {', '.join(res['splits'])})")
+    return {str(e["id"]) for e in res["leakage"] if e["split"] == split and (kinds is None or e["kind"] in kinds)}

@@ -1,0 +1,115 @@
+"""MLM data path and model: masking, packing, rank split, stream resume, sparse = dense."""
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM
+
+from llm_dist.config import DataConfig, MLMConfig, RunConfig, SourceConfig
+from llm_dist.data.mlm import MLMCollator, PackedStream, document_stream
+from llm_dist.models.build import SparseMLM, load_tokenizer, preset_config
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
+
+
+def take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_packing_has_no_padding_and_fixed_length(tok):
+    data = DataConfig(seq_len=64, shuffle_buffer=8)
+    seqs = take(iter(PackedStream(data.sources, tok, data, seed=0, rank=0, world_size=1)), 200)
+    ids = torch.stack([s["input_ids"] for s in seqs])
+    assert ids.shape == (200, 64)
+    assert (ids == tok.pad_token_id).sum() == 0
+    # documents are joined with [CLS] … [SEP] inside sequences
+    assert (ids == tok.sep_token_id).sum() > 0 and (ids == tok.cls_token_id).sum() > 0
+
+
+def test_masking_rate_and_80_10_10(tok):
+    torch.manual_seed(0)
+    data = DataConfig(seq_len=128, shuffle_buffer=1)
+    seqs = take(iter(PackedStream(data.sources, tok, data, seed=0, rank=0, world_size=1)), 256)
+    batch = MLMCollator(tok, MLMConfig())(seqs)
+    orig = torch.stack([s["input_ids"] for s in seqs])
+    special = torch.stack([s["special_tokens_mask"] for s in seqs]).bool()
+    masked = batch["labels"] != -100
+    rate = masked.sum() / (~special).sum()
+    assert 0.14 < rate < 0.16
+    assert not (masked & special).any()
+    assert torch.equal(batch["labels"][masked], orig[masked])
+    frac_mask = (batch["input_ids"][masked] == tok.mask_token_id).float().mean()
+    frac_keep = (batch["input_ids"][masked] == orig[masked]).float().mean()
+    assert 0.77 < frac_mask < 0.83 and 0.08 < frac_keep < 0.13  # 10% random (a few hit the original)
+    assert batch["attention_mask"].all()
+
+
+def test_whole_word_masking_masks_all_pieces(tok):
+    torch.manual_seed(0)
+    data = DataConfig(seq_len=128, shuffle_buffer=1)
+    seqs = take(iter(PackedStream(data.sources, tok, data, 0, 0, 1, with_offsets=True)), 64)
+    batch = MLMCollator(tok, MLMConfig(whole_word_masking=True))(seqs)
+    masked = batch["labels"] != -100
+    ids = torch.stack([s["input_ids"] for s in seqs])
+    pieces = torch.tensor([[t.startswith("##") for t in tok.convert_ids_to_tokens(row.tolist())] for row in ids])
+    # a masked continuation piece always has its previous piece masked too
+    cont = masked[:, 1:] & pieces[:, 1:]
+    assert cont.any() and (masked[:, :-1][cont]).all()
+    assert 0.10 < masked.sum() / masked.numel() < 0.20
+
+
+def test_rank_split_is_disjoint_and_complete():
+    src = [SourceConfig(name="bbc_news")]
+    ids = [[ex["id"] for ex in document_stream(src, 0, 0, r, 2, 0.05, want_heldout=False)] for r in range(2)]
+    held = [ex["id"] for ex in document_stream(src, 0, 0, 0, 1, 0.05, want_heldout=True)]
+    assert not set(ids[0]) & set(ids[1])
+    assert set(ids[0]) | set(ids[1]) | set(held) == {ex["id"] for ex in document_stream(src, 0, 0, 0, 1, 0, False)}
+    assert len(ids[0]) + len(ids[1]) + len(held) == 2225
+    assert 60 < len(held) < 170 and abs(len(ids[0]) - len(ids[1])) <= 1
+
+
+def test_weighted_mix_of_sources(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    a.write_text("".join(f"alpha document {i}\n" for i in range(300)))
+    b.write_text("".join(f'{{"text": "beta document {i}"}}\n' for i in range(300)))
+    src = [SourceConfig(path=str(a), weight=3.0), SourceConfig(path=str(b), weight=1.0)]
+    first = [ex["text"].split()[0] for ex, _ in zip(document_stream(src, 0, 0, 0, 1, 0, False), range(200))]
+    share = first.count("alpha") / len(first)
+    assert 0.65 < share < 0.85
+
+
+def test_stream_resumes_exactly(tok):
+    data = DataConfig(seq_len=64, shuffle_buffer=32)
+    ps = PackedStream(data.sources, tok, data, 3, 0, 2)
+    it = iter(ps)
+    take(it, 150)
+    state = copy.deepcopy(ps.state_dict())
+    after = [s["input_ids"] for s in take(it, 20)]
+    ps2 = PackedStream(data.sources, tok, data, 3, 0, 2)
+    ps2.load_state_dict(state)
+    again = [s["input_ids"] for s in take(iter(ps2), 20)]
+    assert all(torch.equal(x, y) for x, y in zip(after, again))
+
+
+def test_sparse_head_equals_dense(tok):
+    torch.manual_seed(0)
+    cfg = RunConfig()
+    hf = AutoModelForMaskedLM.from_config(preset_config("tiny", tok, cfg.model), attn_implementation="sdpa")
+    hf.eval()
+    data = DataConfig(seq_len=64, shuffle_buffer=1)
+    batch = MLMCollator(tok, MLMConfig())(take(iter(PackedStream(data.sources, tok, data, 0, 0, 1)), 8))
+    sparse, dense = SparseMLM(hf, sparse=True), SparseMLM(hf, sparse=False)
+    ls, n, c = sparse(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    g_sparse = torch.autograd.grad(ls, list(hf.parameters()), allow_unused=True)
+    ld, n2, c2 = dense(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    g_dense = torch.autograd.grad(ld, list(hf.parameters()), allow_unused=True)
+    ref = hf(**batch).loss * n  # transformers' own mean loss × masked count
+    assert n == n2 and c == c2
+    torch.testing.assert_close(ls, ld, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ls, ref, rtol=1e-5, atol=1e-4)
+    for a, b in zip(g_sparse, g_dense):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
