@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, save_config, to_dict
@@ -44,7 +44,8 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     log_with = None if cfg.tracking.report_to == "none" else cfg.tracking.report_to
     if log_with == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
-    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_dir=str(out),
+    project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
                        kwargs_handlers=handlers, deepspeed_plugin=ds_plugin,
                        gradient_accumulation_steps=cfg.grad_accum if ds_plugin else 1)
 

@@ -496,6 +496,7 @@ def _leakage(split: str, d: dict, train: dict, lsh, train_reps, train_groups, ng
     summary = {"documents": n, **{kk: len(v) for kk, v in kinds.items()}, "any": len(any_),
                "clean": n - len(any_), "ngram_size": cfg.ngram_size, "near_threshold": cfg.near_threshold,
                "ngram_threshold": cfg.ngram_threshold,
-               "label_mismatch": sum(1 for e in entries if e["kind"] in ("exact", "near")
-                                     and e["label"] is not None and any(t != e["label"] for t in e["train_labels"]))}
+               # examples whose exact / near train copies carry another label (label noise across splits)
+               "label_mismatch": len({e["id"] for e in entries if e["kind"] in ("exact", "near")
+                                      and e["label"] is not None and any(t != e["label"] for t in e["train_labels"])})}
     return entries, summary

@@ -86,9 +86,18 @@ def _examples(res: dict, k: int = 5) -> list[str]:
                 lines.append(f"- {n} {kind}: {', '.join(c[:8])}{' …' if len(c) > 8 else ''}")
         for c in d["label_conflicts"][:k]:
             lines.append(f"- {n} label conflict ({c['kind']}): {', '.join(c['ids'][:8])} → {c['labels']}")
-    leaks = sorted(res["leakage"], key=lambda e: -e["score"])
-    for e in leaks[: 3 * k]:
-        lines.append(f"- {e['split']} {e['id']} ← train {', '.join(e['train_ids'][:5])} ({e['kind']}, score {e['score']})")
+    by_id: dict = {}
+    for e in res["leakage"]:
+        by_id.setdefault((e["split"], e["id"]), {})[e["kind"]] = e
+    shown = {"exact": 0, "near": 0, "ngram": 0}
+    for (split, doc_id), kinds in by_id.items():
+        top = next(k for k in ("exact", "near", "ngram") if k in kinds)  # the strongest kind
+        if shown[top] >= k:
+            continue
+        shown[top] += 1
+        e = kinds[top]
+        how = ", ".join(f"{kk} {kinds[kk]['score']}" for kk in ("exact", "near", "ngram") if kk in kinds)
+        lines.append(f"- {split} {doc_id} ← train {', '.join(e['train_ids'][:5])} ({how})")
     return lines
 
 
@@ -131,7 +140,8 @@ def plots(res: dict) -> dict[str, str]:
     for n, s in splits.items():
         h = s["length"]["histogram"]
         ax.stairs(h["counts"], h["edges"], label=n)
-    ax.set_xlabel(f"length ({'tokens' if res.get('tokenizer_kind') == 'tokenizer' else 'tokens / words'}; last bin: p99 and longer)")
+    unit = "tokens" if res.get("tokenizer_kind") == "tokenizer" else "words"
+    ax.set_xlabel(f"length ({unit}; the last bin holds p99 and longer)")
     ax.set_ylabel("documents")
     ax.legend()
     ax.set_title("Length histogram")
@@ -152,18 +162,19 @@ def plots(res: dict) -> dict[str, str]:
         out["classes"] = _png(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    for n, d in res["duplicates"].items():
-        for kind in ("exact", "near"):
-            sizes = Counter(len(c) for c in d[kind])
-            if sizes:
-                xs = sorted(sizes)
-                ax.plot(xs, [sizes[x] for x in xs], marker="o", label=f"{n} {kind}")
-    ax.set_xlabel("cluster size (documents)")
-    ax.set_ylabel("clusters")
-    if ax.get_legend_handles_labels()[0]:
+    series = {f"{n} {kind}": Counter(len(c) for c in d[kind])
+              for n, d in res["duplicates"].items() for kind in ("exact", "near") if d[kind]}
+    sizes = sorted({x for c in series.values() for x in c})
+    if series:
+        width = 0.8 / len(series)
+        for i, (name, cnt) in enumerate(series.items()):
+            ax.bar([j + i * width for j in range(len(sizes))], [cnt.get(x, 0) for x in sizes], width, label=name)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(sizes))], [str(x) for x in sizes])
         ax.legend()
     else:
         ax.text(0.5, 0.5, "no duplicate clusters", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("cluster size (documents)")
+    ax.set_ylabel("clusters")
     ax.set_title("Duplicate-cluster sizes")
     out["clusters"] = _png(fig)
 

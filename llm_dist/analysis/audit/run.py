@@ -89,6 +89,9 @@ def _finish(res: dict, flags: list[dict], meta: dict, sources, output_dir, times
     if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / "audit.json").exists():
         raise AuditError(f"{output_dir}: exists and is not an audit output directory (choose another --output_dir)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the final dir should look like any other
     try:
         if dedup or decontaminate or scrub_pii:
             if sources is None:
