@@ -13,6 +13,7 @@ Prints one line per figure; the last is `documents/s: N`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -33,6 +34,7 @@ def build_corpus(out: Path, n_docs: int, seed: int = 0) -> dict:
     recs = bbc_news_records()
     counts = Counter(w for r in recs for w in r["text"].split())
     vocab, weights = zip(*counts.items())
+    cum = list(itertools.accumulate(weights))
     lengths = [len(r["text"].split()) for r in recs]
     labels = sorted({r["label"] for r in recs})
     docs = [{"id": r["id"], "text": r["text"], "label": r["label"]} for r in recs]
@@ -51,7 +53,7 @@ def build_corpus(out: Path, n_docs: int, seed: int = 0) -> dict:
             planted["near"] += 1
         else:
             n = rng.choice(lengths)
-            words = rng.choices(vocab, weights, k=n)
+            words = rng.choices(vocab, cum_weights=cum, k=n)
             for i in range(12, n, 18):
                 words[i] += "."
             docs.append({"id": f"syn/{len(docs)}", "text": " ".join(words), "label": rng.choice(labels)})

@@ -3,7 +3,9 @@
 Config and data errors are one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import shutil
 import sys
+from pathlib import Path
 
 
 def _quiet_libraries() -> None:
@@ -28,19 +30,30 @@ def train_main(argv: list[str]) -> int:
     if overrides and overrides[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    created = None
     try:
         cfg = load_config(path, overrides)
         from .training.loop import run
 
         while True:
+            created = None if Path(cfg.output_dir).exists() else Path(cfg.output_dir)
             run(cfg)
             if not cfg.then:
                 break
             cfg = load_config(cfg.then, [])
     except (ConfigError, DataError, ModelError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if _is_main():  # every rank meets the same bad input; one says so
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)  # nothing half-written
+            print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:

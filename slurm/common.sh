@@ -110,14 +110,21 @@ llm_dist_launch_args() {
         # DeepSpeedPlugin from --deepspeed.config, so accelerate's pdsh launcher is never used).
         LAUNCH_ARGS=(--multi_gpu "${LAUNCH_ARGS[@]}" --rdzv_backend static)
     fi
+    llm_dist_launcher_ignores
 }
 
-# The srun'd command on each node: run `accelerate launch` with USR1 *ignored*.
-# Why: torchrun does not handle SIGUSR1, whose default action would kill the launcher (and then
-# slurmstepd kills the orphaned workers before they checkpoint). The trainer installs its own
-# USR1/TERM handler, which overrides the inherited "ignore", so workers still act on it.
-# shellcheck disable=SC2016
-LLM_DIST_NODE_CMD='trap "" USR1; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"'
+# The srun'd command on each node (written out in each .sbatch):
+#   bash -c 'trap "" ${LLM_DIST_LAUNCHER_IGNORES:-USR1}; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"'
+# The launcher runs with USR1 *ignored*: torchrun has no USR1 handler, so USR1 (which slurmstepd
+# delivers to every process of the step) would kill it, and slurmstepd would then SIGKILL the
+# orphaned workers before they checkpoint. The trainer installs its own USR1/TERM handler, which
+# replaces the inherited "ignore", so the workers still act on the signal. With a single process
+# accelerate uses its simple launcher, which has no TERM handler either: it ignores TERM too
+# (torchrun does handle TERM: it forwards it and waits for the workers).
+llm_dist_launcher_ignores() {
+    if (( NUM_PROCESSES > 1 )); then LLM_DIST_LAUNCHER_IGNORES=USR1; else LLM_DIST_LAUNCHER_IGNORES="USR1 TERM"; fi
+    export LLM_DIST_LAUNCHER_IGNORES
+}
 
 # ------------------------------------------------------------------------ preemption + requeue
 LLM_DIST_SIGNAL=""
@@ -191,9 +198,13 @@ llm_dist_run() {
                 "requeueing job $SLURM_JOB_ID"
             # The job is put back in the queue and this shell is ended by SLURM. The requeued run
             # (SLURM_RESTART_COUNT > 0) has the same job id, hence the same OUTPUT_DIR, and resumes.
-            scontrol requeue "$SLURM_JOB_ID"
-            sleep 60   # wait to be killed by the requeue rather than exiting (a clean exit could race it)
-            exit 0
+            if scontrol requeue "$SLURM_JOB_ID"; then
+                sleep 60   # SLURM ends this shell now; exiting first could race the requeue
+                exit 0
+            fi
+            llm_dist_log "scontrol requeue failed (was the job submitted with --requeue? JobRequeue=0?):" \
+                "resubmit this script; it resumes from the checkpoint in $OUTPUT_DIR"
+            exit 1
         fi
         llm_dist_log "got USR1 but the trainer did not stop on it (finished first, or failed): not requeueing"
     fi

@@ -229,6 +229,23 @@ def test_sharded_equals_unsharded(planted, tmp_path, audited):
     assert len((tmp_path / "merged" / "clean" / "train.jsonl").read_text().splitlines()) == len(rows) - 2
 
 
+def test_slurm_script_stages(planted, tmp_path, audited):
+    """slurm/audit_array.sh's shard and merge stages, run as SLURM would run them (array task ids)."""
+    d, _ = planted
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "SHARDS": "2", "PARTS_DIR": str(tmp_path / "parts"),
+           "OUT_DIR": str(tmp_path / "out"), "ENV_SETUP": "true", "CPUS": "1", "HOME": str(tmp_path)}
+    args = ["--data", f"train={d / 'train.jsonl'}", "--data", f"test={d / 'test.jsonl'}", "--id_column", "id"]
+    for i in range(2):
+        r = subprocess.run(["bash", "slurm/audit_array.sh", *args], cwd=ROOT, capture_output=True, text=True,
+                           env={**env, "AUDIT_STAGE": "shard", "SLURM_ARRAY_TASK_ID": str(i)}, timeout=120)
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run(["bash", "slurm/audit_array.sh"], cwd=ROOT, capture_output=True, text=True,
+                       env={**env, "AUDIT_STAGE": "merge"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert res["shards"] == 2 and res["leakage"] == audited[1]["leakage"]
+
+
 def _err(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err

