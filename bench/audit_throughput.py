@@ -67,6 +67,14 @@ def build_corpus(out: Path, n_docs: int, seed: int = 0) -> dict:
     return {"documents": len(docs), "words": sum(len(d["text"].split()) for d in docs), **planted}
 
 
+def _cpu() -> float:
+    """User + system CPU seconds of this process and its (finished) worker processes."""
+    import resource
+
+    return sum(resource.getrusage(w).ru_utime + resource.getrusage(w).ru_stime
+               for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--docs", type=int, default=100_000)
@@ -82,9 +90,11 @@ def main() -> int:
           f"and {facts['near']} near copies) built in {time.perf_counter() - t0:.1f}s at {work}")
     spec = file_spec([f"train={work / 'train.jsonl'}", f"test={work / 'test.jsonl'}"], "text", "label", "id", True)
     t0 = time.perf_counter()
+    cpu0 = _cpu()
     res = run_audit(spec, work / "audit", AuditConfig(), tokenizer=args.tokenizer, num_proc=args.num_proc,
                     progress=sys.stderr.isatty())
     wall = time.perf_counter() - t0
+    cpu = _cpu() - cpu0
     docs = sum(s["documents"] for s in res["splits"].values())
     d = res["duplicates"]["train"]
     s = res["leakage_summary"]["test"]
@@ -92,6 +102,8 @@ def main() -> int:
           f"wall {wall:.1f}s with num_proc={args.num_proc}")
     print(f"found: train {d['exact_extra_copies']} exact + {d['near_extra_copies']} near extra copies; "
           f"test leaks {s['exact']} exact, {s['near']} near, {s['ngram']} ngram of {s['documents']}")
+    print(f"cpu: {cpu:.1f}s in all processes = {1000 * cpu / docs:.2f} ms per document "
+          f"({docs / cpu:.0f} documents/s per busy core)")
     print(f"documents/s: {docs / wall:.0f}")
     return 0
 

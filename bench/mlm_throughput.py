@@ -189,13 +189,14 @@ def run_baseline(args, tokenizer, grouped: Grouped, output_dir: Path) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.begin, self.end = {}, {}
+            self.begin, self.end, self.cpu = {}, {}, {}
 
         def on_step_begin(self, a, state, control, **kw):
             self.begin[state.global_step + 1] = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             self.end[state.global_step] = time.perf_counter()
+            self.cpu[state.global_step] = time.process_time()
 
     config = preset_config(args.preset, tokenizer, ModelConfig(), max_position=max(512, args.seq_len))
     model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")  # BertForMaskedLM, as llm_dist builds it
@@ -227,7 +228,9 @@ def run_baseline(args, tokenizer, grouped: Grouped, output_dir: Path) -> dict:
     timed = last - first
     seconds = timer.end[last] - timer.end[first]
     compute = sum(timer.end[s] - timer.begin[s] for s in range(first + 1, last + 1))
+    cpu_seconds = timer.cpu[last] - timer.cpu[first]
     res = {"tokens_per_s": timed * tokens_per_step / seconds, "timed_steps": timed, "timed_seconds": seconds,
+           "tokens_per_cpu_s": timed * tokens_per_step / cpu_seconds, "cpu_seconds": cpu_seconds,
            "step_begin_to_end_tokens_per_s": timed * tokens_per_step / compute,
            "final_train_loss": float(out.training_loss), "wall_seconds": wall, "padding_fraction": pad / max(total, 1),
            "optimizer": _describe_optimizer(trainer.optimizer)}
@@ -247,9 +250,27 @@ def _describe_optimizer(opt) -> str | None:
 def run_llm_dist(args, tokenizer_dir: str, output_dir: Path, sparse: bool) -> dict:
     from llm_dist.training.loop import run
 
+    import llm_dist.training.loop as loop
+
     cfg, overrides = llm_dist_config(args, tokenizer_dir, output_dir, sparse)
+    # Also note this process's CPU time at each meter read (one per log row), by wrapping the loop's
+    # meter class for this run: on a shared machine, tokens per CPU-second is less skewed by other jobs.
+    marks: list[float] = []
+    meter_cls = getattr(loop, "Throughput", None)
+    if meter_cls is not None:
+        class CPUMarkedThroughput(meter_cls):
+            def read(self):
+                out = super().read()
+                marks.append(time.process_time())
+                return out
+
+        loop.Throughput = CPUMarkedThroughput
     t0 = time.perf_counter()
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    finally:
+        if meter_cls is not None:
+            loop.Throughput = meter_cls
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = [r for r in rows if r.get("tokens_per_s") is not None]
@@ -265,8 +286,13 @@ def run_llm_dist(args, tokenizer_dir: str, output_dir: Path, sparse: bool) -> di
         losses.append(r.get("loss"))
     if seconds == 0:
         raise RuntimeError(f"{output_dir}/metrics.jsonl: no timed log rows after step {args.log_every}")
+    cpu = {}
+    if len(marks) == len(train_rows) and len(marks) >= 2:
+        first = next(i for i, r in enumerate(train_rows) if r["step"] >= args.log_every)
+        cpu_seconds = marks[-1] - marks[first]
+        cpu = {"tokens_per_cpu_s": tokens / cpu_seconds, "cpu_seconds": cpu_seconds}
     return {"tokens_per_s": tokens / seconds, "timed_steps": int(round(tokens / (args.batch_size * args.seq_len))),
-            "timed_seconds": seconds, "final_train_loss": losses[-1] if losses else None,
+            "timed_seconds": seconds, **cpu, "final_train_loss": losses[-1] if losses else None,
             "train_seconds": result.get("train_seconds"), "wall_seconds": wall, "final_step": result.get("final_step"),
             "window_tokens_per_s": [r["tokens_per_s"] for r in train_rows], "overrides": overrides}
 
@@ -329,6 +355,7 @@ def main(argv=None) -> dict:
             else:
                 res = run_llm_dist(args, tokenizer_dir, out_dir, sparse=system == "llm_dist")
             res["threads_after"] = torch.get_num_threads()
+            res["loadavg_1min_after"] = os.getloadavg()[0]
             if not args.keep_runs:
                 shutil.rmtree(out_dir, ignore_errors=True)
             this[system] = res
@@ -340,14 +367,19 @@ def main(argv=None) -> dict:
     summary = {}
     for system in args.systems:
         vals = [rd[system]["tokens_per_s"] for rd in rounds]
+        cpu_vals = [rd[system].get("tokens_per_cpu_s") for rd in rounds]
         summary[system] = {"label": LABELS[system], "median_tokens_per_s": statistics.median(vals),
-                           "tokens_per_s_per_round": vals}
+                           "tokens_per_s_per_round": vals,
+                           "median_tokens_per_cpu_s": statistics.median(cpu_vals) if None not in cpu_vals else None,
+                           "tokens_per_cpu_s_per_round": cpu_vals}
     if "baseline" in summary:
-        base = summary["baseline"]["median_tokens_per_s"]
-        for system in summary:
-            summary[system]["ratio_vs_baseline"] = summary[system]["median_tokens_per_s"] / base
+        base = summary["baseline"]
+        for system, row in summary.items():
+            row["ratio_vs_baseline"] = row["median_tokens_per_s"] / base["median_tokens_per_s"]
             # per-round ratios (each round's systems ran back to back)
-            summary[system]["ratio_per_round"] = [rd[system]["tokens_per_s"] / rd["baseline"]["tokens_per_s"] for rd in rounds]
+            row["ratio_per_round"] = [rd[system]["tokens_per_s"] / rd["baseline"]["tokens_per_s"] for rd in rounds]
+            if row["median_tokens_per_cpu_s"] and base["median_tokens_per_cpu_s"]:
+                row["cpu_ratio_vs_baseline"] = row["median_tokens_per_cpu_s"] / base["median_tokens_per_cpu_s"]
 
     padding = {}
     if "baseline" in args.systems:
@@ -395,17 +427,23 @@ def print_table(report: dict) -> None:
     pads = {"baseline": pad.get("baseline_group_texts"), "llm_dist": pad.get("llm_dist_packed"),
             "llm_dist_dense": pad.get("llm_dist_packed")}
     print()
-    print(f"{'system':48s} {'median tok/s':>12s} {'per round':>24s} {'vs baseline':>11s} {'padding':>8s}")
+    print(f"{'system':46s} {'tok/s median':>12s} {'per round':>18s} {'vs base':>7s} "
+          f"{'tok/CPU-s':>9s} {'vs base':>7s} {'padding':>7s}")
     for system, row in s.items():
         per = " ".join(f"{v:.0f}" for v in row["tokens_per_s_per_round"])
         ratio = f"{row['ratio_vs_baseline']:.2f}x" if "ratio_vs_baseline" in row else "-"
+        cpu = f"{row['median_tokens_per_cpu_s']:.0f}" if row.get("median_tokens_per_cpu_s") else "-"
+        cpu_ratio = f"{row['cpu_ratio_vs_baseline']:.2f}x" if "cpu_ratio_vs_baseline" in row else "-"
         p = pads.get(system)
-        print(f"{row['label']:48s} {row['median_tokens_per_s']:12.0f} {per:>24s} {ratio:>11s} "
-              f"{(f'{p:.3f}' if p is not None else '-'):>8s}")
+        print(f"{row['label']:46s} {row['median_tokens_per_s']:12.0f} {per:>18s} {ratio:>7s} {cpu:>9s} {cpu_ratio:>7s} "
+              f"{(f'{p:.3f}' if p is not None else '-'):>7s}")
     print(f"(for information: run_mlm --line_by_line on this corpus at seq_len {report['settings']['seq_len']} would pad "
           f"{pad['line_by_line_dynamic_info']:.1%} of positions with per-batch padding, "
           f"{pad['line_by_line_max_length_info']:.1%} with --pad_to_max_length)")
-    print(f"bench time {report['bench_seconds']:.0f}s")
+    load = report["loadavg_1_5_15"]
+    print(f"bench time {report['bench_seconds']:.0f}s, {report['settings']['threads']} torch threads, "
+          f"{report['environment']['cpu_count']} CPUs, 1-min load average {load['before'][0]:.1f} before / "
+          f"{load['after'][0]:.1f} after")
 
 
 if __name__ == "__main__":

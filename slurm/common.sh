@@ -7,7 +7,8 @@
 #                             (all but --machine_rank, which each node adds for itself)
 #   llm_dist_run CMD...       runs CMD (an `srun ...` line) in the background and makes it
 #                             preemption safe: USR1 -> forwarded to the trainer -> checkpoint ->
-#                             `scontrol requeue $SLURM_JOB_ID`; TERM -> forwarded, no requeue.
+#                             `scontrol requeue $SLURM_JOB_ID`; TERM -> wait for the trainer's
+#                             checkpoint, no requeue.
 #
 # Everything is configured by the variables at the top of each .sbatch script; their defaults
 # live here so that the scripts stay short.
@@ -33,7 +34,9 @@ llm_dist_setup() {
     NNODES=${SLURM_NNODES:-1}
     if [[ ${LLM_DIST_CPU:-0} == 1 ]]; then
         # CPU mode (tests, laptops): gloo over the network, one process per node unless told.
-        export ACCELERATE_USE_CPU=1
+        # Not with DeepSpeed: accelerate silently drops DeepSpeed when ACCELERATE_USE_CPU=1, and
+        # DeepSpeed finds the CPU (and gloo) by itself on a machine without GPUs.
+        [[ -z ${DS_CONFIG:-} ]] && export ACCELERATE_USE_CPU=1
         NPROC_PER_NODE=${NPROC_PER_NODE:-1}
         MIXED_PRECISION=${MIXED_PRECISION:-no}
         local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
@@ -128,10 +131,11 @@ llm_dist_launcher_ignores() {
 
 # ------------------------------------------------------------------------ preemption + requeue
 LLM_DIST_SIGNAL=""
+LLM_DIST_TERM=""
 LLM_DIST_STEP_PID=""
 
-_llm_dist_forward() { # forward a signal to the training step (srun relays it to every task)
-    [[ -n $LLM_DIST_STEP_PID ]] && kill -s "$1" "$LLM_DIST_STEP_PID" 2>/dev/null
+_llm_dist_forward_usr1() { # srun relays USR1 to every task, i.e. to every process of the step
+    [[ -n $LLM_DIST_STEP_PID ]] && kill -s USR1 "$LLM_DIST_STEP_PID" 2>/dev/null
     return 0
 }
 
@@ -141,14 +145,16 @@ _llm_dist_on_usr1() {
         LLM_DIST_SIGNAL=USR1
         LLM_DIST_SIGNAL_TIME=$SECONDS
     fi
-    _llm_dist_forward USR1
+    _llm_dist_forward_usr1
 }
 
+# TERM (scancel, the time limit itself, preemption with GraceTime) is NOT forwarded: SLURM sends
+# it to every process of every step itself (the trainer checkpoints on it; torchrun forwards it
+# and waits), and srun turns a TERM it is sent by hand into a SIGKILL of all tasks. The batch
+# shell only keeps waiting, so the checkpoint can finish within KillWait / GraceTime.
 _llm_dist_on_term() {
-    llm_dist_log "got SIGTERM (scancel / time limit / preemption): asking the trainer to checkpoint; not requeueing"
-    [[ -z $LLM_DIST_SIGNAL ]] && LLM_DIST_SIGNAL_TIME=$SECONDS
-    LLM_DIST_SIGNAL=TERM
-    _llm_dist_forward TERM
+    llm_dist_log "got SIGTERM (scancel / time limit / preemption): the trainer checkpoints; not requeueing"
+    [[ -z $LLM_DIST_SIGNAL ]] && LLM_DIST_TERM=1
 }
 
 # Did the trainer stop on a signal during this run (run.json written after $1 says so)?
@@ -168,16 +174,16 @@ llm_dist_run() {
     LLM_DIST_STEP_PID=$!
     local resend=${LLM_DIST_RESIGNAL_SECS:-20} last=0
     while kill -0 "$LLM_DIST_STEP_PID" 2>/dev/null; do
-        if [[ -z $LLM_DIST_SIGNAL ]]; then
+        if [[ $LLM_DIST_SIGNAL != USR1 ]]; then
             wait "$LLM_DIST_STEP_PID"   # returns early (>128) when a trapped signal arrives
         else
-            # After a signal: poll, and repeat it now and then (harmless: the trainer only sets a
+            # After USR1: poll, and repeat it now and then (harmless: the trainer only sets a
             # flag) in case it arrived before the trainer had installed its handler.
             sleep 1 &
             wait $! 2>/dev/null
             if (( SECONDS - LLM_DIST_SIGNAL_TIME >= resend * (last + 1) )); then
                 last=$(( last + 1 ))
-                _llm_dist_forward "$LLM_DIST_SIGNAL"
+                _llm_dist_forward_usr1
             fi
         fi
     done
@@ -207,6 +213,8 @@ llm_dist_run() {
             exit 1
         fi
         llm_dist_log "got USR1 but the trainer did not stop on it (finished first, or failed): not requeueing"
+    elif [[ -n $LLM_DIST_TERM ]] && _llm_dist_stopped_on_signal "$stamp"; then
+        llm_dist_log "checkpoint saved on SIGTERM; submit the same script with OUTPUT_DIR=$OUTPUT_DIR to resume"
     fi
     rm -f "$stamp"
     return "$rc"

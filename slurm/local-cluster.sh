@@ -76,7 +76,7 @@ install_packages() {
 }
 
 pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
-pid_of() { [[ -s $1 ]] && cat "$1" 2>/dev/null || true; }
+pid_of() { if [[ -s $1 ]]; then cat "$1" 2>/dev/null; fi; return 0; }
 
 write_config() {
     mkdir -p "$STATE_DIR/etc" "$RUN_DIR" "$LOG_DIR" "$STATE_DIR/ctld"

@@ -230,11 +230,12 @@ def test_sharded_equals_unsharded(planted, tmp_path, audited):
 
 
 def test_slurm_script_stages(planted, tmp_path, audited):
-    """slurm/audit_array.sh's shard and merge stages, run as SLURM would run them (array task ids)."""
+    """slurm/audit_array.sh's shard and merge stages (`python -m llm_dist.audit`), run as SLURM would run
+    them (array task ids); with a validation split instead of test."""
     d, _ = planted
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "SHARDS": "2", "PARTS_DIR": str(tmp_path / "parts"),
            "OUT_DIR": str(tmp_path / "out"), "ENV_SETUP": "true", "CPUS": "1", "HOME": str(tmp_path)}
-    args = ["--data", f"train={d / 'train.jsonl'}", "--data", f"test={d / 'test.jsonl'}", "--id_column", "id"]
+    args = ["--data", f"train={d / 'train.jsonl'}", "--data", f"validation={d / 'test.jsonl'}", "--id_column", "id"]
     for i in range(2):
         r = subprocess.run(["bash", "slurm/audit_array.sh", *args], cwd=ROOT, capture_output=True, text=True,
                            env={**env, "AUDIT_STAGE": "shard", "SLURM_ARRAY_TASK_ID": str(i)}, timeout=120)
@@ -242,8 +243,45 @@ def test_slurm_script_stages(planted, tmp_path, audited):
     r = subprocess.run(["bash", "slurm/audit_array.sh"], cwd=ROOT, capture_output=True, text=True,
                        env={**env, "AUDIT_STAGE": "merge"}, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert "validation leaks: 1 exact, 2 near, 3 ngram" in r.stdout
     res = json.loads((tmp_path / "out" / "audit.json").read_text())
-    assert res["shards"] == 2 and res["leakage"] == audited[1]["leakage"]
+    assert res["shards"] == 2
+    assert [{**e, "split": "test"} for e in res["leakage"]] == audited[1]["leakage"]
+    assert leaked_ids(tmp_path / "out" / "audit.json", split="validation") == {"leakE", "leakN", "leakG"}
+
+
+def test_config_mode(planted, tmp_path):
+    """`llm-dist audit CONFIG.yaml`: the run's own split (load_splits), overrides, the run's tokenizer;
+    an MLM config audits its sources as one corpus."""
+    from llm_dist.config import load_config
+    from llm_dist.data.classify import load_splits
+
+    d, facts = planted
+    rows = [r for r in facts["train"] + facts["test"] if len(r["text"].split()) >= 3]
+    _write(tmp_path / "all.jsonl", rows)
+    (tmp_path / "c.yaml").write_text(
+        f"task: classify\noutput_dir: {tmp_path / 'run'}\nmodel: {{preset: tiny}}\ntokenizer: {{vocab_size: 300}}\n"
+        f"data:\n  train: {tmp_path / 'all.jsonl'}\n  id_column: id\n  split: [0.8, 0.1, 0.1]\n  max_length: 64\n")
+    assert main([str(tmp_path / "c.yaml"), "--seed=7", "--quiet"]) == 0
+    res = json.loads((tmp_path / "run" / "audit" / "audit.json").read_text())  # default: <output_dir>/audit
+    want = load_splits(load_config(tmp_path / "c.yaml", ["--seed=7"]))
+    assert {n: s["documents"] for n, s in res["splits"].items()} == {n: len(ds) for n, ds in want.items()}
+    test_ids = set(want["test"]["id"])
+    assert leaked_ids(tmp_path / "run" / "audit", split="test") <= test_ids
+    assert "WordPiece" in res["tokenizer"] and res["config"]["max_length"] == 64
+    assert res["splits"]["train"]["tokens"] > sum(len(t.split()) for t in want["train"]["text"])
+    assert not (tmp_path / "run" / "tokenizer").exists() and not (tmp_path / "run" / "splits").exists()
+    train_ids = set(want["train"]["id"])
+    for split in ("validation", "test"):
+        found = leaked_ids(tmp_path / "run" / "audit", split=split)
+        for leak, src in (("leakE", facts["src_e"]), ("leakN", facts["src_n"]), ("leakG", facts["src_g"])):
+            if leak in set(want[split]["id"]) and src in train_ids:
+                assert leak in found, (split, leak)
+    (tmp_path / "m.yaml").write_text(f"task: mlm\noutput_dir: {tmp_path / 'mlm'}\ndata:\n  sources:\n"
+                                     f"    - path: {d / 'train.jsonl'}\n      id_column: id\n")
+    assert main([str(tmp_path / "m.yaml"), "--output_dir", str(tmp_path / "ma"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "ma" / "audit.json").read_text())
+    assert list(res["splits"]) == ["train"] and res["duplicates"]["train"]["exact"] == [["dupA1", "dupA2"]]
 
 
 def _err(capsys, argv) -> str:
@@ -297,46 +335,25 @@ def test_unit_rules():
     assert names(quality_flags(ok, w, word_hashes(w))) == []
 
 
-def test_module_entry_point(planted, tmp_path):
-    d, _ = planted
-    r = subprocess.run([sys.executable, "-m", "llm_dist.audit", "--data", f"train={d / 'train.jsonl'}",
-                        "--data", "validation=" + str(d / "test.jsonl"), "--id_column", "id", "--output_dir",
-                        str(tmp_path / "o"), "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "validation leaks: 1 exact, 2 near, 3 ngram" in r.stdout
-    assert leaked_ids(tmp_path / "o" / "audit.json", split="validation") == {"leakE", "leakN", "leakG"}
-
-
 # ----------------------------------------------------------------------------- BBC News
 def _norm_md5(text: str) -> str:
     return hashlib.md5(" ".join(text.lower().split()).encode()).hexdigest()
 
 
 def test_bbc_news_duplicates_and_leaks(tmp_path):
+    """One audit of an 80/20 stratified split (seed 0): within-split clusters plus test->train exact leaks
+    hold all of BBC News's 98 md5 duplicates, and the exact leaks equal an independent md5 count."""
     from sklearn.model_selection import train_test_split
 
     from llm_dist.data.sources import bbc_news_records
 
     recs = bbc_news_records()
-    _write(tmp_path / "all.jsonl", recs)
-    res = run_audit(file_spec([f"train={tmp_path / 'all.jsonl'}"], "text", "label", "id", True),
-                    tmp_path / "all", progress=False, num_proc=2)
-    exact = {tuple(sorted(c)) for c in res["duplicates"]["train"]["exact"]}
-    by_md5: dict[str, list[str]] = {}
-    for r in recs:
-        by_md5.setdefault(hashlib.md5(r["text"].strip().encode()).hexdigest(), []).append(r["id"])
-    strict = {tuple(sorted(v)) for v in by_md5.values() if len(v) > 1}
-    assert sum(len(c) - 1 for c in strict) == 98  # the issue's figure: md5 of the stripped text
-    assert strict <= exact  # all found; normalisation (case, whitespace) finds a few more
-    by_norm = Counter(_norm_md5(r["text"]) for r in recs)
-    assert res["duplicates"]["train"]["exact_extra_copies"] == sum(v - 1 for v in by_norm.values() if v > 1)
-    assert res["duplicates"]["train"]["near_extra_copies"] > 0
-    # 80/20 stratified split, seed 0: exact test->train leaks, counted independently
     tr, te = train_test_split(recs, test_size=0.2, stratify=[r["label"] for r in recs], random_state=0)
     _write(tmp_path / "train.jsonl", tr)
     _write(tmp_path / "test.jsonl", te)
     res = run_audit(file_spec([f"train={tmp_path / 'train.jsonl'}", f"test={tmp_path / 'test.jsonl'}"], "text",
                               "label", "id", True), tmp_path / "split", progress=False, num_proc=2)
+    # exact leaks: every test article whose normalised text (case, whitespace) is also in train
     train_hashes = {_norm_md5(r["text"]) for r in tr}
     expected = {r["id"] for r in te if _norm_md5(r["text"]) in train_hashes}
     got = {e["id"] for e in res["leakage"] if e["kind"] == "exact"}
@@ -344,5 +361,17 @@ def test_bbc_news_duplicates_and_leaks(tmp_path):
     assert got == expected
     strict_train = {hashlib.md5(r["text"].strip().encode()).hexdigest() for r in tr}
     assert {r["id"] for r in te if hashlib.md5(r["text"].strip().encode()).hexdigest() in strict_train} <= got
+    # the corpus's duplicate groups = clusters inside train, inside test, and across (leaks)
+    found = {frozenset(c) for n in ("train", "test") for c in res["duplicates"][n]["exact"]}
+    found |= {frozenset([e["id"], *e["train_ids"]]) for e in res["leakage"] if e["kind"] == "exact"}
+    by_md5: dict[str, set[str]] = {}
+    for r in recs:
+        by_md5.setdefault(hashlib.md5(r["text"].strip().encode()).hexdigest(), set()).add(r["id"])
+    strict = [g for g in by_md5.values() if len(g) > 1]
+    assert sum(len(g) - 1 for g in strict) == 98  # the issue's figure: md5 of the stripped text
+    assert all(any(g <= f for f in found) for g in strict)
+    by_norm = Counter(_norm_md5(r["text"]) for r in recs)
+    assert sum(len(f) - 1 for f in found) == sum(v - 1 for v in by_norm.values() if v > 1)  # 101: 3 differ in case/space
+    assert res["duplicates"]["train"]["near_extra_copies"] > 0 and res["leakage_summary"]["test"]["near"] > len(got)
     clean = {r["id"] for r in te} - leaked_ids(tmp_path / "split" / "audit.json")
     assert clean and clean.isdisjoint(expected)

@@ -104,6 +104,11 @@ def run(cfg: RunConfig) -> dict:
 
     task = make_task(cfg, acc)
     model = task.model.to(acc.device)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {"total_params": sum(p.numel() for p in model.parameters()),
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if params["trainable_params"] < params["total_params"]:
+        params["trainable_names"] = trainable
     total_steps = task.total_steps()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
@@ -215,7 +220,7 @@ def run(cfg: RunConfig) -> dict:
 
     result = {"final_step": state["step"], "world_size": world, "num_machines": _num_machines(world),
               "tokens_seen": state["tokens_seen"], "signalled": signalled,
-              "train_seconds": time.time() - t_start}
+              "train_seconds": time.time() - t_start, **params}
     if not signalled:
         metrics = task.evaluate(model, state["step"])
         log(metrics)

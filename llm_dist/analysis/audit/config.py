@@ -4,9 +4,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ...data.sources import DataError
 
-class AuditError(ValueError):
-    """Bad audit input: the message names the file / key and what is wrong."""
+
+class AuditError(DataError):
+    """Bad audit input: the message names the file / key and what is wrong (a DataError, so callers that
+    report data errors on one line, like the trainer, report these too)."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from .text import exact_hash, ngram_hashes, norm_words, shingle_hashes32, word_h
 
 PROFILE_FLAGS = ("empty", "near_empty", "high_nonletter", "replacement_char", "mojibake", "control_chars")
 PBIT = {name: 1 << i for i, name in enumerate(PROFILE_FLAGS)}
-_NONLETTER = re.compile(r"[^\w\s]|[\d_]")
+_DIGIT = re.compile(r"\d")
 # UTF-8 read as Latin-1/cp1252: 'Ã©', 'â€™', 'Â ' …
 _MOJIBAKE = re.compile("(?:\u00c3[\u0080-\u00bf\u0152-\u0178\u2018-\u203a]|\u00e2\u20ac[\u0080-\u00bf\u2018-\u203a\u2122\u0153\u017e\u02dc\u0161\u0153\u201c\u009d]|\u00c2[\u00a0-\u00bf])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -30,16 +30,17 @@ COLUMNS = ("pos", "id", "label", "n_chars", "n_words", "n_tokens", "hash", "sig"
            "nonletter", "ngram_total") + tuple(f"pii_{k}" for k in PII_KINDS)
 
 
-def profile_flags(text: str, n_words: int, nonletter_threshold: float) -> tuple[int, float]:
-    mask = 0
-    stripped = text.strip()
-    if not stripped:
+def profile_flags(text: str, raw: list[str], words: list[str], nonletter_threshold: float) -> tuple[int, float]:
+    """Profile flags and the non-letter share of the non-space characters. `raw`: whitespace words;
+    `words`: the normalised `\\w+` words (letters = their characters less digits and underscores)."""
+    if not raw:
         return PBIT["empty"], 0.0
-    nonspace = sum(map(len, text.split()))
-    if n_words < 3 or nonspace < 10:
+    mask = 0
+    nonspace = sum(map(len, raw))
+    if len(raw) < 3 or nonspace < 10:
         mask |= PBIT["near_empty"]
-    _, nonletter = _NONLETTER.subn("", text)
-    ratio = nonletter / nonspace if nonspace else 0.0
+    letters = sum(map(len, words)) - len(_DIGIT.findall(text)) - text.count("_")
+    ratio = max(0.0, 1.0 - letters / nonspace)
     if ratio > nonletter_threshold:
         mask |= PBIT["high_nonletter"]
     if "\ufffd" in text:
@@ -112,12 +113,13 @@ def doc_features(text: str, cfg: AuditConfig, perms) -> tuple[dict, np.ndarray]:
     sh = shingle_hashes32(wh, cfg.shingle_size)
     if len(sh):
         m.update_batch(sh)
-    n_words = len(text.split())
-    pflags, nonletter = profile_flags(text, n_words, cfg.nonletter_threshold)
+    raw = text.split()
+    n_words = len(raw)
+    pflags, nonletter = profile_flags(text, raw, words, cfg.nonletter_threshold)
     pii = pii_counts(text)
     feats = {
         "n_chars": len(text), "n_words": n_words, "hash": exact_hash(text), "sig": m.hashvalues,
-        "qflags": quality_flags(text, words, wh, cfg.min_words, cfg.max_words), "pflags": pflags,
+        "qflags": quality_flags(text, words, wh, cfg.min_words, cfg.max_words, raw), "pflags": pflags,
         "nonletter": nonletter, **{f"pii_{k}": v for k, v in pii.items()},
     }
     grams = np.unique(ngram_hashes(wh, cfg.ngram_size))

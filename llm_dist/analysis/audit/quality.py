@@ -34,7 +34,7 @@ import re
 
 from .text import ngram_hashes
 
-_ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")
+_NO_LETTER_WORD = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")  # a whitespace word without a letter
 
 RULES = (
     "gopher_word_count", "gopher_mean_word_length", "gopher_symbol_ratio", "gopher_bullet_lines",
@@ -70,11 +70,11 @@ def _dup_fraction(items: list[str]) -> tuple[float, float]:
 
 
 def quality_flags(text: str, words: list[str], wh: np.ndarray, min_words: int = 50,
-                  max_words: int = 100_000) -> int:
+                  max_words: int = 100_000, raw: list[str] | None = None) -> int:
     """Bit mask of the rules (see `RULES`) this document trips. `words`/`wh`: its normalised words
     and their hashes (shared with the dedup stage, so they are computed once)."""
     mask = 0
-    raw = text.split()
+    raw = text.split() if raw is None else raw
     n_raw = len(raw)
     n_chars = sum(map(len, raw))
     if not min_words <= n_raw <= max_words:
@@ -85,7 +85,7 @@ def quality_flags(text: str, words: list[str], wh: np.ndarray, min_words: int = 
             mask |= BIT["gopher_mean_word_length"]
         if max(text.count("#"), text.count("...") + text.count("\u2026")) / n_raw > 0.1:
             mask |= BIT["gopher_symbol_ratio"]
-        if len(_ALPHA_WORD.findall(text)) / n_raw < 0.8:
+        if 1.0 - len(_NO_LETTER_WORD.findall(text)) / n_raw < 0.8:
             mask |= BIT["gopher_alpha_words"]
     stop = 0
     for w in words:

@@ -8,6 +8,7 @@ Ids: the `id_column` when given; otherwise the row number (one file) or `<file>:
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -69,6 +70,8 @@ class SplitSource:
         n = 0
         for batch in self.dataset.iter(batch_size=1000):
             ids, texts = batch["id"], batch["text"]
+            if batch.get("text_pair") is not None:  # a pair task: the pair is the example
+                texts = [f"{a}\n{b}" for a, b in zip(texts, batch["text_pair"])]
             labels = batch.get("label") or [None] * len(ids)
             for doc_id, text, label in zip(ids, texts, labels):
                 owned = n % num_shards == shard
@@ -81,10 +84,6 @@ class SplitSource:
 
 def _common_root(files: list[Path]) -> Path:
     return Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
-
-
-def _resolve(files: list[Path]) -> list[Path]:
-    return [f.resolve() for f in files]
 
 
 # ----------------------------------------------------------------------------- specs
@@ -131,15 +130,13 @@ def _config_sources(path: str, overrides: list[str]) -> tuple[dict[str, SplitSou
     from ...config import load_config
 
     cfg = load_config(path, overrides)
-    facts = {"tokenizer": _run_tokenizer(cfg), "max_length": cfg.data.max_length if cfg.task == "classify" else cfg.data.seq_len,
+    facts = {"max_length": cfg.data.max_length if cfg.task == "classify" else cfg.data.seq_len,
              "output_dir": cfg.output_dir, "task": cfg.task}
     where = f"{path}: data"
     if cfg.task == "classify":
-        try:
-            from ...data.classify import load_splits
-        except ImportError as e:
-            raise AuditError(f"{path}: classify data cannot be loaded here (llm_dist.data.classify: {e})") from None
-        splits = load_splits(cfg)
+        from ...data.classify import load_splits
+
+        splits = load_splits(cfg)  # the run's seeded stratified split (nothing written)
         out = {}
         for name in SPLIT_ORDER:
             ds = splits.get(name)
@@ -147,34 +144,73 @@ def _config_sources(path: str, overrides: list[str]) -> tuple[dict[str, SplitSou
                 out[name] = SplitSource(name, f"{where} ({name})", dataset=ds)
         if "train" not in out:
             raise AuditError(f"{path}: data: the config gives no train split")
-        return out, facts
-    # MLM: the sources as one corpus (no labels, no held-out split to check against)
-    from ...data.sources import stream_source
+        texts = lambda n: iter(splits["train"]["text"][:n] if n else splits["train"]["text"])  # noqa: E731
+    else:
+        # MLM: the sources as one corpus (no labels, no held-out split to check against)
+        from ...data.sources import iter_texts
 
-    class _Stream:
-        def __init__(self, sources):
-            self.sources = sources
+        out = {"train": SplitSource("train", f"{where}.sources", dataset=_Stream(cfg.data.sources))}
+        texts = lambda n: iter_texts(cfg.data.sources, n)  # noqa: E731
+    facts["tokenizer"], facts["tokenizer_name"] = _run_tokenizer(cfg, texts)
+    return out, facts
 
-        def iter(self, batch_size: int):
-            for src in self.sources:
-                ids, texts = [], []
-                for ex in stream_source(src):
-                    ids.append(ex["id"])
-                    texts.append(ex["text"])
-                    if len(ids) == batch_size:
-                        yield {"id": ids, "text": texts}
-                        ids, texts = [], []
-                if ids:
+
+class _Stream:
+    """The MLM sources, batched like `datasets.Dataset.iter` (id, text)."""
+
+    def __init__(self, sources):
+        self.sources = sources
+
+    def iter(self, batch_size: int):
+        from ...data.sources import stream_source
+
+        for src in self.sources:
+            ids, texts = [], []
+            for ex in stream_source(src):
+                ids.append(ex["id"])
+                texts.append(ex["text"])
+                if len(ids) == batch_size:
                     yield {"id": ids, "text": texts}
+                    ids, texts = [], []
+            if ids:
+                yield {"id": ids, "text": texts}
 
-    return {"train": SplitSource("train", f"{where}.sources", dataset=_Stream(cfg.data.sources))}, facts
+
+_TRAINED: dict[tuple, str] = {}
 
 
-def _run_tokenizer(cfg) -> str | None:
-    """The tokenizer a run uses: tokenizer.path, else the model dir, else one the run already trained."""
-    for cand in (cfg.tokenizer.path, cfg.model.path, os.path.join(cfg.output_dir, "tokenizer")):
-        if cand and Path(cand).is_dir() and any((Path(cand) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-            return cand
-    if cfg.tokenizer.path:
-        raise AuditError(f"config key 'tokenizer.path': {cfg.tokenizer.path} is not a tokenizer directory")
-    return None
+def _run_tokenizer(cfg, texts) -> tuple[str, str]:
+    """(path, name) of the tokenizer a run uses: tokenizer.path, else the model dir, else the one the run
+    trained (`output_dir/tokenizer`), else one trained here exactly as the run would (kept in a temp dir,
+    not written into the run)."""
+    for key, cand in (("tokenizer.path", cfg.tokenizer.path), ("model.path", cfg.model.path)):
+        if cand:
+            if not Path(cand).is_dir():
+                raise AuditError(f"config key '{key}': {cand}: tokenizer dir not found")
+            return cand, cand
+    trained = Path(cfg.output_dir) / "tokenizer"
+    if (trained / "tokenizer.json").exists():
+        return str(trained), str(trained)
+    t = cfg.tokenizer
+    name = f"WordPiece (vocab {t.vocab_size}) trained as the run would train it (not saved)"
+    key = (cfg.task, str(cfg.data.sources), cfg.data.train, t.vocab_size, t.lowercase, t.train_documents, cfg.seed)
+    if key not in _TRAINED:
+        import atexit
+        import shutil
+        import tempfile
+
+        from ...models.build import train_wordpiece
+
+        tmp = tempfile.mkdtemp(prefix="audit-tokenizer-")
+        atexit.register(shutil.rmtree, tmp, True)
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)  # the tokenizers trainer draws its progress on stdout: keep stdout for results
+        try:
+            tok = train_wordpiece(texts(t.train_documents), t.vocab_size, t.lowercase)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        tok.save_pretrained(tmp)
+        _TRAINED[key] = tmp
+    return _TRAINED[key], name

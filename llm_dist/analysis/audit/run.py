@@ -17,11 +17,14 @@ AUDIT_VERSION = 1
 
 
 def _prepare(spec: dict, cfg: AuditConfig, tokenizer: str | None):
+    """(sources, tokenizer path, tokenizer name for the report)."""
     sources, facts = open_sources(spec)
-    tokenizer = tokenizer or facts.get("tokenizer")
+    name = tokenizer
+    if tokenizer is None:
+        tokenizer, name = facts.get("tokenizer"), facts.get("tokenizer_name")
     if cfg.max_length is None and tokenizer and facts.get("max_length"):
         cfg.max_length = facts["max_length"]
-    return sources, tokenizer
+    return sources, tokenizer, name
 
 
 def run_audit(spec: dict, output_dir: str | os.PathLike, cfg: AuditConfig | None = None,
@@ -29,9 +32,9 @@ def run_audit(spec: dict, output_dir: str | os.PathLike, cfg: AuditConfig | None
               decontaminate: str | None = None, scrub_pii: bool = False) -> dict:
     """The whole audit on one machine. `spec`: from `reader.file_spec` / `reader.config_spec`."""
     cfg = (cfg or AuditConfig()).validate()
-    sources, tokenizer = _prepare(spec, cfg, tokenizer)
+    sources, tokenizer, name = _prepare(spec, cfg, tokenizer)
     t0 = time.perf_counter()
-    part = scan(sources, cfg, tokenizer, num_proc=num_proc, progress=progress, meta={"data": spec})
+    part = scan(sources, cfg, tokenizer, num_proc=num_proc, progress=progress, meta={"data": spec, "tokenizer_name": name})
     t1 = time.perf_counter()
     res, flags = merge([part], progress=progress)
     t2 = time.perf_counter()
@@ -46,9 +49,10 @@ def scan_shard(spec: dict, partials_dir: str | os.PathLike, shard: int, num_shar
     if not 0 <= shard < num_shards:
         raise AuditError(f"--shard: {shard}/{num_shards} is out of range (0 <= I < N)")
     cfg = (cfg or AuditConfig()).validate()
-    sources, tokenizer = _prepare(spec, cfg, tokenizer)
+    sources, tokenizer, name = _prepare(spec, cfg, tokenizer)
     t0 = time.perf_counter()
-    part = scan(sources, cfg, tokenizer, shard, num_shards, num_proc, progress, meta={"data": spec})
+    part = scan(sources, cfg, tokenizer, shard, num_shards, num_proc, progress,
+                meta={"data": spec, "tokenizer_name": name})
     part.meta["scan_s"] = round(time.perf_counter() - t0, 3)
     return save_partial(part, partials_dir)
 
@@ -78,7 +82,8 @@ def _finish(res: dict, flags: list[dict], meta: dict, sources, output_dir, times
     all_train_ids = {}
     for e in res["leakage"]:
         all_train_ids[(e["split"], e["id"], e["kind"])] = e.pop("_all_train_ids")
-    out = {"version": AUDIT_VERSION, "data": meta["splits"], "tokenizer": meta.get("tokenizer") or "whitespace words",
+    out = {"version": AUDIT_VERSION, "data": meta["splits"],
+           "tokenizer": meta.get("tokenizer_name") or meta.get("tokenizer") or "whitespace words",
            "tokenizer_kind": "tokenizer" if meta.get("tokenizer") else "whitespace", "config": meta["config"], **res,
            "shards": num_shards,
            "timing": {"scan_s": round(times[0], 3), "merge_s": round(times[1], 3),

@@ -61,9 +61,9 @@ def ngram_hashes(wh: np.ndarray, n: int) -> np.ndarray:
 
 
 def shingle_hashes32(wh: np.ndarray, n: int) -> np.ndarray:
-    """Distinct 32-bit shingle hashes for MinHash; a text shorter than `n` words is one shingle."""
+    """32-bit shingle hashes for MinHash (repeats are harmless: a minimum is a minimum); a text shorter
+    than `n` words is one shingle."""
     if len(wh) == 0:
         return np.empty(0, dtype=np.uint32)
     h = ngram_hashes(wh, n) if len(wh) >= n else ngram_hashes(wh, len(wh))
-    h = np.unique(h)
     return ((h >> np.uint64(32)) ^ h).astype(np.uint32)
