@@ -64,8 +64,8 @@ def parse_args(argv=None):
                    help="a local tokenizer dir (default: the MiniLM 30,522-token BERT vocab), or 'train' to train "
                         "a WordPiece of --vocab_size on the corpus with llm_dist.models.build.train_wordpiece")
     p.add_argument("--vocab_size", type=int, default=8192, help="with --tokenizer train")
-    p.add_argument("--steps", type=int, default=15, help="optimizer steps per system per round")
-    p.add_argument("--log_every", type=int, default=3, help="log window; the first window is warm-up and not timed")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per system per round")
+    p.add_argument("--log_every", type=int, default=2, help="log window; the first window is warm-up and not timed")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=128)

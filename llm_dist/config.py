@@ -56,6 +56,7 @@ class DataConfig:
     label_column: str = "label"
     id_column: str | None = None
     split: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])  # train/validation/test
+    split_seed: int | None = None  # seed of the stratified split (default: the run's seed)
     max_length: int = 128
     group_by_length: bool = True
     pad_to_max_length: bool = False  # the seed recipe's padding='max_length' (for comparison)

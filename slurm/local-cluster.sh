@@ -76,7 +76,16 @@ install_packages() {
 }
 
 pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
-pid_of() { if [[ -s $1 ]]; then cat "$1" 2>/dev/null; fi; return 0; }
+# the pid in a pid file, only if that process is still one of our daemons (not a reused pid)
+pid_of() {
+    local p comm
+    [[ -s $1 ]] || return 0
+    p=$(cat "$1" 2>/dev/null) || return 0
+    [[ $p =~ ^[0-9]+$ ]] || return 0
+    comm=$(cat "/proc/$p/comm" 2>/dev/null) || return 0
+    case $comm in munged | slurmctld | slurmd | slurmstepd) echo "$p" ;; esac
+    return 0
+}
 
 write_config() {
     mkdir -p "$STATE_DIR/etc" "$RUN_DIR" "$LOG_DIR" "$STATE_DIR/ctld"

@@ -59,7 +59,8 @@ def load_splits(cfg: RunConfig, write_to: str | Path | None = None) -> dict[str,
         frac = dict(zip(SPLITS, list(d.split) + [0.0] * (3 - len(d.split))))
         want = {s: frac[s] for s in ["train", *missing] if frac[s] > 0}
         total = sum(want.values())
-        given.update(_stratified(given.pop("train"), {s: f / total for s, f in want.items()}, cfg.seed))
+        seed = cfg.seed if d.split_seed is None else d.split_seed
+        given.update(_stratified(given.pop("train"), {s: f / total for s, f in want.items()}, seed))
     splits = {s: given[s] for s in SPLITS if s in given}
     if write_to is not None:
         splits = _pin_splits(splits, Path(write_to))

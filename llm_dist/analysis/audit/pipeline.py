@@ -59,6 +59,7 @@ def _run(tasks, num_proc: int, init_args: tuple):
         for t in tasks:
             yield process_batch(t)
         return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool across the fork
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(num_proc, initializer=init_worker, initargs=init_args) as pool:
         window = []
@@ -124,7 +125,7 @@ def scan(sources: dict[str, SplitSource], cfg: AuditConfig, tokenizer: str | Non
     # train: features and matches against the eval index
     src = sources["train"]
     cols = _new_columns()
-    matched: dict[int, list[np.ndarray]] = defaultdict(list)
+    matched: dict[int, set[int]] = defaultdict(set)  # eval doc -> its 13-grams seen in train (bounded by its size)
     shared: dict[int, Counter] = defaultdict(Counter)
     tasks = ((True, b) for b in _batches(src.rows(shard, num_shards), BATCH))
     bar = tqdm(desc="audit scan train", unit="doc", disable=not progress, leave=False)
@@ -136,12 +137,12 @@ def scan(sources: dict[str, SplitSource], cfg: AuditConfig, tokenizer: str | Non
             for o, n in zip(ow.tolist(), counts.tolist()):
                 shared[o][train_id] += n
             for o in ow.tolist():
-                matched[o].append(hashes[owners == o])
+                matched[o].update(hashes[owners == o].tolist())
         bar.update(len(c["id"]))
     bar.close()
     part.splits = {"train": _finish_columns(cols, cfg.num_perm), **part.splits}
-    for o, arrays in matched.items():
-        part.ngram[eval_keys[o]] = (np.unique(np.concatenate(arrays)), dict(shared[o]))
+    for o, hs in matched.items():
+        part.ngram[eval_keys[o]] = (np.array(sorted(hs), dtype=np.uint64), dict(shared[o]))
     return part
 
 

@@ -44,7 +44,7 @@ class SplitSource:
             file_owned = (fno % num_shards == shard) if by_file else True
             if by_file and not file_owned and not all_rows:
                 continue
-            stem = str(file.relative_to(root).with_suffix("")) if root else None
+            stem = str(file.resolve().relative_to(root).with_suffix("")) if root else None
             for row, rec in enumerate(iter_file(file, None, self.text_column, None, extra)):
                 where = f"{file}:{row + 1}"
                 if self.id_column:
