@@ -38,9 +38,6 @@ llm_dist_setup() {
         # DeepSpeed finds the CPU (and gloo) by itself on a machine without GPUs.
         [[ -z ${DS_CONFIG:-} ]] && export ACCELERATE_USE_CPU=1
         NPROC_PER_NODE=${NPROC_PER_NODE:-1}
-        MIXED_PRECISION=${MIXED_PRECISION:-no}
-        local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
-        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / NPROC_PER_NODE > 0 ? cpus / NPROC_PER_NODE : 1 ))}
     else
         if [[ -z ${NPROC_PER_NODE:-} ]]; then
             # one process per allocated GPU: SLURM_GPUS_ON_NODE (set with --gpus-per-node/--gres),
@@ -50,11 +47,13 @@ llm_dist_setup() {
             if [[ -z $g ]] && command -v nvidia-smi >/dev/null; then g=$(nvidia-smi -L 2>/dev/null | wc -l); fi
             NPROC_PER_NODE=${g:-1}
         fi
-        MIXED_PRECISION=${MIXED_PRECISION:-no}
-        local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
-        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / NPROC_PER_NODE > 0 ? cpus / NPROC_PER_NODE : 1 ))}
     fi
     [[ $NPROC_PER_NODE =~ ^[0-9]+$ && $NPROC_PER_NODE -ge 1 ]] || llm_dist_die "bad NPROC_PER_NODE=$NPROC_PER_NODE"
+    # the launcher flag only; the trainer config's mixed_precision is what counts
+    MIXED_PRECISION=${MIXED_PRECISION:-no}
+    # CPU threads per process: the task's cores shared by the node's processes
+    local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cpus / NPROC_PER_NODE > 0 ? cpus / NPROC_PER_NODE : 1 ))}
     NUM_PROCESSES=$(( NNODES * NPROC_PER_NODE ))   # accelerate wants the TOTAL process count
 
     # Rendezvous: the first node of the allocation (= SLURM_NODEID 0 = machine_rank 0, where this

@@ -14,14 +14,31 @@ PY = sys.executable
 ACCELERATE = str(Path(PY).with_name("accelerate"))
 
 
-def run_env(**extra) -> dict:
+def run_env(deepspeed: bool = False, **extra) -> dict:
+    """The environment of a launched run. DeepSpeed runs leave ACCELERATE_USE_CPU unset: accelerate
+    turns DeepSpeed off under it; our Accelerator picks gloo itself when there is no GPU."""
     env = dict(os.environ)
     env.update({"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
                 "PYTHONUNBUFFERED": "1"})
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    if deepspeed:
+        env.pop("ACCELERATE_USE_CPU")
     env.update(extra)
     return env
+
+
+def kill_tree(proc) -> None:
+    """SIGKILL a launcher and every worker it started (torchrun workers live in their own groups)."""
+    import psutil
+
+    procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
 
 
 def launch_cmd(config: str, *overrides: str, nproc: int = 2) -> list[str]:
@@ -40,8 +57,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: str, *overrides: str, nproc: int = 2, check: bool = True, timeout: int = 600, **env):
-    proc = subprocess.run(launch_cmd(config, *overrides, nproc=nproc), cwd=ROOT, env=run_env(**env),
+def launch(config: str, *overrides: str, nproc: int = 2, check: bool = True, timeout: int = 600,
+           deepspeed: bool = False, **env):
+    proc = subprocess.run(launch_cmd(config, *overrides, nproc=nproc), cwd=ROOT, env=run_env(deepspeed, **env),
                           capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")

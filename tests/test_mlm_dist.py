@@ -8,12 +8,11 @@ import time
 import warnings
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, launch, launch_cmd, read_metrics, read_run, run_env
+from conftest import ROOT, kill_tree, launch, launch_cmd, read_metrics, read_run, run_env
 from llm_dist.training.checkpoint import find_resumable
 
 pytestmark = pytest.mark.slow
@@ -71,16 +70,6 @@ def test_keep_last_k_and_corrupt_checkpoint_fallback(two_rank_run):
     opt.write_bytes(data)
 
 
-def _kill_tree(proc):
-    procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait()
-
-
 def test_resume_after_sigkill_is_exact(tmp_path, tokenizer_dir):
     args = [f"--tokenizer.path={tokenizer_dir}", "--max_steps=60", "--save_every=20", "--log_every=1",
             "--tracking.progress=false"]
@@ -92,7 +81,7 @@ def test_resume_after_sigkill_is_exact(tmp_path, tokenizer_dir):
     while not (cut / "checkpoints" / "latest").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.02)
-    _kill_tree(proc)
+    kill_tree(proc)
     assert not (cut / "final").exists()
     killed_at = int((cut / "checkpoints" / "latest").read_text().split("_")[1])
     assert killed_at < 60

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -227,6 +226,19 @@ def test_array_sweep_two_tasks(cluster, tmp_path):
     print(f"array of 2: {time.time() - t0:.1f} s")
 
 
+def test_single_node_two_processes(cluster, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "job.log"
+    t0 = time.time()
+    job = cluster.sbatch("train_single_node.sbatch", "--max_steps=10", "--log_every=5", "--tracking.progress=false",
+                         sbatch_opts=("--cpus-per-task=2", f"--output={log}"), OUTPUT_DIR=str(run), NPROC_PER_NODE="2")
+    (info,) = cluster.wait(job, timeout=240)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{_tail(log, 100)}"
+    res = json.loads((run / "run.json").read_text())
+    assert res["world_size"] == 2 and res["num_machines"] == 1 and res["final_step"] == 10, res
+    assert (run / "final" / "model.safetensors").exists()
+    print(f"1 node x 2 processes: {time.time() - t0:.1f} s")
+
+
 def test_multi_node_deepspeed_variant(cluster, tmp_path):
     """DS_CONFIG=...: the same 2-node script trains with DeepSpeed ZeRO-2 (DeepSpeed's CPU accelerator
     over gloo here), and its checkpoints are DeepSpeed's (pytorch_model/ with ZeRO shards)."""
@@ -261,4 +273,3 @@ def test_scripts_parse_and_quote_node_rank():
         text = (REPO / "slurm" / name).read_text()
         assert "#SBATCH --requeue" in text and re.search(r"#SBATCH --signal=B:USR1@\d+", text)
         assert """'trap "" ${LLM_DIST_LAUNCHER_IGNORES:-USR1}; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"'""" in text
-    assert shutil.which("bash")

@@ -226,7 +226,8 @@ def load_table(path: str, text_column: str, label_column: str | None, id_column:
             raise DataError(f"{where(i)}: no column '{text_column}'")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where(i)}: empty text in column '{text_column}'")
-        out["id"].append(str(r[id_column]) if id_column and id_column in r else str(r.get("id", i)))
+        # ids: the id column when named, else the row number (as `llm-dist audit --data` numbers rows)
+        out["id"].append(str(r.get(id_column, r.get("id"))) if id_column else str(i))
         out["text"].append(text)
         if text_pair_column:
             if text_pair_column not in r:

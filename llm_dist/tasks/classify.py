@@ -303,8 +303,9 @@ class ClassifyTask:
         if improved:
             best = {"value": value, "step": state["step"], "metric": key}
             self.evals_without_improvement = 0
-            sd = self.acc.get_state_dict(model)  # every rank keeps it, to test the best model in step
-            self.best_state = {k: v.detach().cpu().clone() for k, v in sd.items()}
+            if self.acc.distributed_type.value != "DEEPSPEED":  # (under ZeRO the last model is exported)
+                sd = self.acc.get_state_dict(model)  # every rank keeps it, to test the best model in step
+                self.best_state = {k: v.detach().cpu().clone() for k, v in sd.items()}
         else:
             self.evals_without_improvement += 1
         patience = self.cfg.classify.early_stopping_patience

@@ -49,6 +49,19 @@ class MLMTask:
         self.loader.load_state_dict(state["loader"])
         self._iter = iter(self.loader)
 
+    def resume_state(self) -> dict:
+        return {"mlm_epoch": self.train_data.state_dict()["epoch"]}
+
+    def load_resume_state(self, saved: dict) -> None:
+        """Resuming on another world size: the per-rank stream positions do not carry over, so start the
+        next epoch (a fresh shard order) rather than replay the interrupted one. A same-size resume then
+        overrides this with the exact per-rank positions."""
+        if "mlm_epoch" in saved:
+            st = self.train_data.state_dict()
+            st.update({"epoch": saved["mlm_epoch"] + 1, "stream": None, "pending": [], "pending_offsets": [],
+                       "buffer": []})
+            self.train_data.load_state_dict(st)
+
     @staticmethod
     def count(batch: dict) -> int:
         return int((batch["labels"] != -100).sum())
@@ -81,18 +94,33 @@ class MLMTask:
         loader = torch.utils.data.DataLoader(self._stream(eval_split=True), batch_size=self.cfg.batch_size,
                                              collate_fn=collator)
         totals = torch.zeros(3, device=self.acc.device, dtype=torch.float64)
-        for i, batch in enumerate(loader):
-            if self.cfg.data.max_eval_batches and i >= self.cfg.data.max_eval_batches:
+        # Ranks hold different numbers of eval batches; under ZeRO-3 every forward is collective, so a rank
+        # that has run out repeats its last batch with zero weight until all are done.
+        it, last, world = iter(loader), None, self.acc.num_processes
+        for i in range(self.cfg.data.max_eval_batches or 10**9):
+            batch = next(it, None)
+            if world > 1:
+                have = self.acc.reduce(torch.tensor([float(batch is not None)], device=self.acc.device), "sum")
+                if have.item() == 0:
+                    break
+            elif batch is None:
                 break
+            weight = 1.0 if batch is not None else 0.0
+            batch = batch if batch is not None else (last if last is not None else self._empty_batch())
+            last = batch
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             with self.acc.autocast():
                 loss_sum, n, correct = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            totals += torch.stack([loss_sum.double(), n.double(), correct.double()])
+            totals += weight * torch.stack([loss_sum.double(), n.double(), correct.double()])
         totals = self.acc.reduce(totals, reduction="sum")
         model.train()
         loss = (totals[0] / totals[1].clamp(min=1)).item()
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)),
                 "mlm_accuracy": (totals[2] / totals[1].clamp(min=1)).item(), "eval_masked_tokens": int(totals[1])}
+
+    def _empty_batch(self) -> dict:
+        ids = torch.full((1, self.cfg.data.seq_len), self.tokenizer.cls_token_id)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.full_like(ids, -100)}
 
     # --- export ------------------------------------------------------------------------------------
     def save_final(self, model, state_dict: dict | None, out: Path) -> None:

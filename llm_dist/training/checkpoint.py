@@ -142,3 +142,42 @@ def load_trainer_state(ckpt: Path) -> dict:
 def load_data_state(ckpt: Path, rank: int) -> dict | None:
     f = ckpt / f"data_state_rank{rank}.pt"
     return torch.load(f, weights_only=False) if f.exists() else None
+
+
+# ----------------------------------------------------------------------------- resuming elsewhere
+def load_portable(ckpt: Path, saved: dict, model, optimizer) -> list[str]:
+    """Restore, into the not-yet-prepared model and optimizer, what survives a change of world size or of
+    ZeRO layout: the full fp32 weights (consolidated from the ZeRO shards with DeepSpeed's zero_to_fp32
+    when the checkpoint is sharded) and, for a plain (DDP) checkpoint and a torch optimizer, the optimizer
+    moments. Returns what was restored."""
+    restored = []
+    if saved.get("zero_stage") is not None:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="pytorch_model")
+    else:
+        from safetensors.torch import load_file
+
+        sd = load_file(ckpt / "model.safetensors")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = {k for k in missing if k.endswith("decoder.weight") or k.endswith("decoder.bias")}
+    if set(missing) - tied or unexpected:
+        raise FileNotFoundError(f"{ckpt}: weights do not fit the model (missing {sorted(set(missing) - tied)[:3]}, "
+                                f"unexpected {sorted(unexpected)[:3]})")
+    restored.append("model weights")
+    opt_file = ckpt / "optimizer.bin"
+    if saved.get("zero_stage") is None and opt_file.exists() and isinstance(optimizer, torch.optim.Optimizer):
+        try:
+            optimizer.load_state_dict(torch.load(opt_file, weights_only=False, map_location="cpu"))
+            restored.append("optimizer state")
+        except (ValueError, KeyError):
+            pass
+    return restored
+
+
+def load_portable_scheduler(ckpt: Path, scheduler) -> list[str]:
+    f = ckpt / "custom_checkpoint_0.pkl"
+    if f.exists() and hasattr(scheduler, "load_state_dict") and type(scheduler).__name__ != "AcceleratedScheduler":
+        scheduler.load_state_dict(torch.load(f, weights_only=False))
+        return ["learning-rate schedule"]
+    return []

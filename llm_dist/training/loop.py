@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DeepSpeedPlugin, DummyScheduler, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, save_config, to_dict
+from ..config import ConfigError, RunConfig, save_config, to_dict
 from ..tracking.meters import MetricsWriter, Throughput, memory_stats, peak_tflops
-from .checkpoint import Checkpointer, load_data_state, load_trainer_state, resolve_resume
-from .optim import build_optimizer, build_scheduler
+from .checkpoint import (Checkpointer, load_data_state, load_portable, load_portable_scheduler, load_trainer_state,
+                         resolve_resume)
+from .optim import build_optimizer, build_scheduler, warmup_steps
 from .signals import StopSignal
 
 
@@ -45,9 +46,25 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     if log_with == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))
-    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
                        kwargs_handlers=handlers, deepspeed_plugin=ds_plugin,
                        gradient_accumulation_steps=cfg.grad_accum if ds_plugin else 1)
+    if acc.state.deepspeed_plugin is not None:
+        # our loop feeds micro-batches itself (no prepared train dataloader), so fill the batch "auto"s here
+        dsc = acc.state.deepspeed_plugin.deepspeed_config
+        dsc["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        dsc["gradient_accumulation_steps"] = cfg.grad_accum
+        dsc["train_batch_size"] = cfg.batch_size * cfg.grad_accum * acc.num_processes
+        if dsc.get("gradient_clipping") == "auto":
+            dsc["gradient_clipping"] = cfg.optim.max_grad_norm
+        params = dsc.get("optimizer", {}).get("params", {})
+        for key, value in (("betas", list(cfg.optim.betas)), ("eps", cfg.optim.eps)):
+            if params.get(key) == "auto":  # accelerate fills lr / weight_decay from DummyOptim, not these
+                params[key] = value
+    elif cfg.deepspeed.config:
+        raise ConfigError(f"config key 'deepspeed.config': {cfg.deepspeed.config} is set but accelerate runs without "
+                          "DeepSpeed (ACCELERATE_USE_CPU=1 turns it off: unset it; on CPU gloo is used anyway)")
+    return acc
 
 
 def make_task(cfg: RunConfig, accelerator):
@@ -80,6 +97,8 @@ def train_step(model, task, micro_batches: list[dict], accelerator, world_size: 
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if (last or is_ds) else accelerator.no_sync(model)
+        if is_ds:  # the engine steps (clip, optimizer, zero grad) at the accumulation boundary only
+            accelerator.gradient_state._set_sync_gradients(last)
         with sync, accelerator.autocast():
             loss_sum, metrics = task.loss(model, mb)
             scale = world_size / n_global
@@ -93,6 +112,7 @@ def train_step(model, task, micro_batches: list[dict], accelerator, world_size: 
 
 
 def run(cfg: RunConfig) -> dict:
+    stop = StopSignal()  # first, so a preemption signal during start-up is not lost
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(cfg)
@@ -105,31 +125,47 @@ def run(cfg: RunConfig) -> dict:
     task = make_task(cfg, acc)
     model = task.model.to(acc.device)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {"total_params": sum(p.numel() for p in model.parameters()),
-              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 builds partitioned params
+    params = {"total_params": sum(numel(p) for p in model.parameters()),
+              "trainable_params": sum(numel(p) for p in model.parameters() if p.requires_grad)}
     if params["trainable_params"] < params["total_params"]:
         params["trainable_names"] = trainable
     total_steps = task.total_steps()
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-    model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)
-    ckpt = Checkpointer(out / "checkpoints", acc, keep=cfg.keep_checkpoints)
+    ds_config = acc.state.deepspeed_plugin.deepspeed_config if _is_ds(acc) else {}
+    optimizer = build_optimizer(model, cfg.optim, ds_config)
 
-    state = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "world_size": world}
+    state = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "world_size": world, "zero_stage": _zero_stage(acc)}
     resume_from = resolve_resume(cfg.resume, cfg.output_dir)
-    if resume_from is not None:
-        saved = load_trainer_state(resume_from)
+    saved = load_trainer_state(resume_from) if resume_from is not None else None
+    portable = saved is not None and (saved.get("world_size") != world or saved.get("zero_stage") != state["zero_stage"])
+    if portable:  # another world size or ZeRO layout: consolidated weights, before the parallel set-up
+        restored = load_portable(resume_from, saved, model, optimizer)
+
+    if ds_config.get("scheduler"):  # DeepSpeed's own scheduler, stepped by the engine
+        scheduler = DummyScheduler(optimizer, total_num_steps=total_steps,
+                                   warmup_num_steps=warmup_steps(cfg.optim, total_steps))
+        model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    else:  # built on the prepared optimizer, so it also drives an optimizer that DeepSpeed created
+        model, optimizer = acc.prepare(model, optimizer)
+        scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
+        acc.register_for_checkpointing(scheduler)
+    ckpt = Checkpointer(out / "checkpoints", acc, keep=cfg.keep_checkpoints)
+    if portable:
+        restored += load_portable_scheduler(resume_from, scheduler)
+        if main:
+            print(f"warning: {resume_from} was saved with world size {saved.get('world_size')} / ZeRO stage "
+                  f"{saved.get('zero_stage')}; restored {', '.join(restored)} for world size {world} / ZeRO "
+                  f"stage {state['zero_stage']} (see README: resuming elsewhere)", file=sys.stderr)
+
+    if saved is not None:
         state.update({k: saved[k] for k in ("step", "tokens_seen", "samples_seen") if k in saved})
         if hasattr(task, "load_resume_state"):
-            task.load_resume_state(saved)
-        data_state = load_data_state(resume_from, acc.process_index)
-        if data_state is not None and saved.get("world_size", world) == world:
-            task.load_data_state(data_state)  # (re)creates the data iterator, which draws from the RNG…
-        elif main:
-            print(f"warning: {resume_from} was saved with world size {saved.get('world_size')}; "
-                  f"data position re-initialised for {world} ranks", file=sys.stderr)
-        acc.load_state(str(resume_from))  # …so the RNG states are restored after it
+            task.load_resume_state(saved)  # task-level position that does not depend on the world size
+        if not portable:
+            data_state = load_data_state(resume_from, acc.process_index)
+            if data_state is not None:
+                task.load_data_state(data_state)  # (re)creates the data iterator, which draws from the RNG…
+            acc.load_state(str(resume_from))  # …so the RNG states are restored after it
         if main:
             print(f"resumed from {resume_from} at step {state['step']}")
 
@@ -138,7 +174,6 @@ def run(cfg: RunConfig) -> dict:
         acc.init_trackers(cfg.tracking.project, config=_flat(to_dict(cfg)), init_kwargs=init_kwargs)
     writer = MetricsWriter(out / "metrics.jsonl", main, state["step"] if resume_from else None)
     meter = Throughput(task.flops_per_token(), peak_tflops(cfg.tracking.peak_tflops), world)
-    stop = StopSignal()
     bar = tqdm(total=total_steps if total_steps < 10**9 else None, initial=state["step"], disable=not main or not cfg.tracking.progress,
                desc=cfg.task, dynamic_ncols=True)
 
@@ -164,9 +199,12 @@ def run(cfg: RunConfig) -> dict:
             finished = True
             break
         n, tokens, flag, loss_local, sums = train_step(model, task, micro, acc, world, float(stop.flag))
-        grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm) if cfg.optim.max_grad_norm > 0 and not _is_ds(acc) else None
-        if _is_ds(acc):
-            grad_norm = model.get_global_grad_norm() if hasattr(model, "get_global_grad_norm") else None
+        if _is_ds(acc):  # the engine clipped (gradient_clipping) and stepped in backward()
+            grad_norm = model.get_global_grad_norm()
+        elif cfg.optim.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+        else:
+            grad_norm = None
         optimizer.step()
         if hasattr(task, "after_optimizer_step"):
             task.after_optimizer_step(acc.unwrap_model(model), state["step"])
@@ -189,7 +227,7 @@ def run(cfg: RunConfig) -> dict:
                                device=acc.device)
             vec = acc.reduce(vec, reduction="sum") if world > 1 else vec
             count = window["count"] * world
-            row = {"loss": vec[0].item() / max(count, 1.0), "lr": scheduler.get_last_lr()[0],
+            row = {"loss": vec[0].item() / max(count, 1.0), "lr": _current_lr(model, scheduler),
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    **meter.read(), "tokens_seen": state["tokens_seen"], "samples_seen": state["samples_seen"],
                    **task.log_row({k: vec[i + 1].item() for i, k in enumerate(keys)}, count), **memory_stats()}
@@ -219,6 +257,7 @@ def run(cfg: RunConfig) -> dict:
     stop.restore()
 
     result = {"final_step": state["step"], "world_size": world, "num_machines": _num_machines(world),
+              "distributed_type": acc.distributed_type.value, "zero_stage": state["zero_stage"],
               "tokens_seen": state["tokens_seen"], "signalled": signalled,
               "train_seconds": time.time() - t_start, **params}
     if not signalled:
@@ -259,6 +298,18 @@ def _fingerprint(batch: dict) -> int:
     import zlib
 
     return zlib.crc32(batch["input_ids"].cpu().numpy().tobytes()) % 1_000_003
+
+
+def _current_lr(model, scheduler) -> float:
+    if hasattr(model, "get_lr"):  # a DeepSpeed engine
+        return float(model.get_lr()[0])
+    return float(scheduler.get_last_lr()[0])
+
+
+def _zero_stage(acc) -> int | None:
+    if not _is_ds(acc):
+        return None
+    return int(acc.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
 
 
 def _is_ds(acc) -> bool:

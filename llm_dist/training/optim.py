@@ -21,9 +21,15 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, ds_config: dict | None = None):
+    """torch AdamW, or — when the DeepSpeed JSON names an optimizer (e.g. CPU Adam for offload) — accelerate's
+    `DummyOptim`, whose "auto" values (lr, betas, eps, weight decay) are filled from this config."""
     kwargs = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     groups = param_groups(model, cfg.weight_decay)
+    if ds_config and "optimizer" in ds_config:
+        from accelerate.utils import DummyOptim
+
+        return DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), eps=cfg.eps)
     if cfg.fused:  # fused kernels exist for CUDA and CPU in recent torch; foreach is the fallback
         try:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -42,3 +48,4 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
         kwargs = {"num_decay_steps": max(1, int(cfg.decay_ratio * total_steps))}
     return get_scheduler(SCHEDULERS[cfg.scheduler], optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
                          num_training_steps=total_steps, scheduler_specific_kwargs=kwargs)
+

@@ -24,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="llm-dist audit", usage=USAGE, description=DESCRIPTION, allow_abbrev=False)
-    p.add_argument("config", nargs="?", help="a run config (YAML); its data is audited")
+    p.add_argument("config", nargs="*", metavar="CONFIG.yaml | merge PARTIALS_DIR",
+                   help="a run config (YAML) whose data is audited; or `merge PARTIALS_DIR`")
     p.add_argument("--data", action="append", default=[], metavar="SPLIT=PATH",
                    help="a split file/dir/glob (csv, tsv, jsonl, json, parquet, txt); repeat per split")
     p.add_argument("--text_column", default="text")
@@ -75,10 +76,14 @@ def _main(argv: list[str]) -> int:
     from .reader import config_spec, file_spec
     from .run import merge_partials, run_audit, scan_shard
 
-    merge_mode = bool(argv) and argv[0] == "merge"
-    if merge_mode:
-        argv = argv[1:]
     args, rest = _parser().parse_known_args(argv)
+    pos = list(args.config)
+    merge_mode = bool(pos) and pos[0] == "merge"
+    if merge_mode:
+        pos = pos[1:]
+    if len(pos) > 1:
+        rest = pos[1:] + rest
+    args.config = pos[0] if pos else None
     progress = not args.quiet
     clean = {"dedup": args.dedup, "decontaminate": args.decontaminate, "scrub_pii": args.scrub_pii}
     if merge_mode:
@@ -97,6 +102,8 @@ def _main(argv: list[str]) -> int:
                       max_examples=args.max_examples).validate()
     if args.num_proc < 1:
         raise AuditError(f"--num_proc: must be >= 1, got {args.num_proc}")
+    if args.data and rest:
+        raise AuditError(f"unexpected argument '{rest[0]}'")
     if args.config and args.data:
         raise AuditError("give either a run config or --data NAME=PATH, not both")
     if args.config:
@@ -107,8 +114,6 @@ def _main(argv: list[str]) -> int:
 
             output_dir = f"{load_config(args.config, rest).output_dir}/audit"
     elif args.data:
-        if rest:
-            raise AuditError(f"unexpected argument '{rest[0]}'")
         label = args.label_column
         explicit = label is not None and label.lower() != "none"
         label = None if label is not None and label.lower() == "none" else (label or "label")

@@ -7,6 +7,7 @@ are kept; texts are dropped as soon as a batch is done, so memory grows with the
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
@@ -22,6 +23,8 @@ from .text import exact_hash, ngram_hashes, norm_words, shingle_hashes32, word_h
 PROFILE_FLAGS = ("empty", "near_empty", "high_nonletter", "replacement_char", "mojibake", "control_chars")
 PBIT = {name: 1 << i for i, name in enumerate(PROFILE_FLAGS)}
 _DIGIT = re.compile(r"\d")
+# datasketch >= 2.0: the bijective 32-bit permutation scheme; 1.x only has the legacy one (same API else)
+MINHASH_KW = {"scheme": "affine32"} if "scheme" in inspect.signature(MinHash.__init__).parameters else {}
 # UTF-8 read as Latin-1/cp1252: 'Ã©', 'â€™', 'Â ' …
 _MOJIBAKE = re.compile("(?:\u00c3[\u0080-\u00bf\u0152-\u0178\u2018-\u203a]|\u00e2\u20ac[\u0080-\u00bf\u2018-\u203a\u2122\u0153\u017e\u02dc\u0161\u0153\u201c\u009d]|\u00c2[\u00a0-\u00bf])")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -91,7 +94,7 @@ _STATE: dict = {}
 
 
 def permutations(cfg: AuditConfig) -> np.ndarray:
-    return MinHash(num_perm=cfg.num_perm, seed=cfg.seed).permutations
+    return MinHash(num_perm=cfg.num_perm, seed=cfg.seed, **MINHASH_KW).permutations
 
 
 def init_worker(cfg_dict: dict, tokenizer_path: str | None, index: tuple | None) -> None:
@@ -109,7 +112,7 @@ def doc_features(text: str, cfg: AuditConfig, perms) -> tuple[dict, np.ndarray]:
     """One document's features and its distinct n-gram hashes (for leakage)."""
     words = norm_words(text)
     wh = word_hashes(words)
-    m = MinHash(num_perm=cfg.num_perm, hashfunc=_ident, permutations=perms, scheme="affine32")
+    m = MinHash(num_perm=cfg.num_perm, hashfunc=_ident, permutations=perms, **MINHASH_KW)
     sh = shingle_hashes32(wh, cfg.shingle_size)
     if len(sh):
         m.update_batch(sh)

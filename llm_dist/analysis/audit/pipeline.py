@@ -279,7 +279,9 @@ def _lsh(num_perm: int, threshold: float):
 def _minhash(sig: np.ndarray, perms):
     from datasketch import MinHash
 
-    return MinHash(hashvalues=sig, permutations=perms, scheme="affine32")
+    from .features import MINHASH_KW
+
+    return MinHash(hashvalues=sig, permutations=perms, **MINHASH_KW)
 
 
 def merge(parts: list[Partial], progress: bool = True) -> tuple[dict, list[dict]]:
@@ -301,9 +303,11 @@ def merge(parts: list[Partial], progress: bool = True) -> tuple[dict, list[dict]
                     "pii": {}}
     flag_rows: list[dict] = []
     lsh_train = rep_train = groups_train = None
+    # one set of histogram bins for all splits (comparable): up to the 99th percentile of all lengths
+    hi = max(float(np.percentile(np.concatenate([data[n]["n_tokens"] for n in names]), 99)), 1.0)
     for n in names:
         d = data[n]
-        result["splits"][n] = _profile(d, cfg)
+        result["splits"][n] = _profile(d, cfg, hi)
         result["quality"][n] = _quality(d, cfg)
         result["pii"][n] = _pii(d, cfg)
         dups, lsh, reps, groups = _duplicates(d, cfg, perms, progress, n)
@@ -333,11 +337,10 @@ def _examples(ids: list[str], mask: np.ndarray, k: int) -> dict:
     return {"count": int(len(idx)), "examples": [ids[i] for i in idx[:k]]}
 
 
-def _profile(d: dict, cfg: AuditConfig) -> dict:
+def _profile(d: dict, cfg: AuditConfig, hi: float) -> dict:
     ids, ntok = d["id"], d["n_tokens"]
     labels = [x for x in d["label"] if x is not None]
     counts = dict(sorted(Counter(labels).items(), key=lambda kv: (-kv[1], kv[0])))
-    hi = max(float(np.percentile(ntok, 99)), 1.0)
     edges = np.linspace(0, hi, 31)
     hist, _ = np.histogram(np.minimum(ntok, hi), bins=edges)
     out = {

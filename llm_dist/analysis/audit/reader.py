@@ -46,7 +46,7 @@ class SplitSource:
                 continue
             stem = str(file.resolve().relative_to(root).with_suffix("")) if root else None
             for row, rec in enumerate(iter_file(file, None, self.text_column, None, extra)):
-                where = f"{file}:{row + 1}"
+                where = f"{file}: row {row}"
                 if self.id_column:
                     if self.id_column not in rec:
                         raise DataError(f"{where}: no column '{self.id_column}'")
@@ -101,7 +101,7 @@ def file_spec(data: list[str], text_column: str, label_column: str | None, id_co
             raise AuditError(f"--data {item}: split '{name}' given twice")
         if not path:
             raise AuditError(f"--data {item}: empty path")
-        splits[name] = str(Path(path).resolve()) if not any(c in path for c in "*?[") else path
+        splits[name] = str(Path(path).resolve()) if not any(c in path for c in "*?[") else os.path.abspath(path)
     if "train" not in splits:
         raise AuditError("--data: no train split (give --data train=PATH)")
     return {"mode": "files", "splits": splits, "text_column": text_column, "label_column": label_column,

@@ -140,8 +140,11 @@ def plots(res: dict) -> dict[str, str]:
     for n, s in splits.items():
         h = s["length"]["histogram"]
         ax.stairs(h["counts"], h["edges"], label=n)
+    max_len = res["config"].get("max_length")
+    if max_len:
+        ax.axvline(max_len, color="k", ls="--", lw=1, label=f"max_length {max_len}")
     unit = "tokens" if res.get("tokenizer_kind") == "tokenizer" else "words"
-    ax.set_xlabel(f"length ({unit}; the last bin holds p99 and longer)")
+    ax.set_xlabel(f"length ({unit}; the last bin holds the longest 1%)")
     ax.set_ylabel("documents")
     ax.legend()
     ax.set_title("Length histogram")
@@ -157,7 +160,8 @@ def plots(res: dict) -> dict[str, str]:
                    width, label=n)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(classes))], classes, rotation=30, ha="right")
         ax.set_ylabel("share of split")
-        ax.legend()
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend
+        ax.legend(ncol=len(splits), fontsize=8, loc="upper center")
         ax.set_title("Class distribution")
         out["classes"] = _png(fig)
 
