@@ -113,3 +113,19 @@ def test_sparse_head_equals_dense(tok):
     for a, b in zip(g_sparse, g_dense):
         if a is not None or b is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_pretraining_can_exclude_eval_articles(tmp_path):
+    """The demo pretrains only on the fine-tuning train split: its validation/test articles stay unseen."""
+    from llm_dist.config import load_config
+    from llm_dist.data.classify import load_splits
+
+    src = [SourceConfig(name="bbc_news", exclude_splits_of="configs/classify/tiny.yaml")]
+    seen = {ex["id"] for ex in document_stream(src, 0, 0, 0, 1, 0, False)}
+    splits = load_splits(load_config("configs/classify/tiny.yaml"))
+    assert seen == set(splits["train"]["id"])
+    ids = tmp_path / "ids.txt"
+    ids.write_text("business/001\nsports/100\n")
+    src = [SourceConfig(name="bbc_news", exclude_ids=str(ids))]
+    seen = {ex["id"] for ex in document_stream(src, 0, 0, 0, 1, 0, False)}
+    assert len(seen) == 2223 and "business/001" not in seen

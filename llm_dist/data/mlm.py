@@ -17,7 +17,7 @@ from datasets.distributed import split_dataset_by_node
 from transformers import DataCollatorForLanguageModeling
 
 from ..config import DataConfig, MLMConfig, SourceConfig
-from .sources import stream_source
+from .sources import DataError, stream_source
 
 
 def is_heldout(doc_id: str, fraction: float) -> bool:
@@ -35,6 +35,9 @@ def document_stream(sources: list[SourceConfig], seed: int, epoch: int, rank: in
     streams = []
     for i, src in enumerate(sources):
         ds = stream_source(src)
+        excluded = excluded_ids(src)
+        if excluded:
+            ds = ds.filter(lambda ex, ids=excluded: ex["id"] not in ids)
         if ds.num_shards > 1:  # shard (file) order shuffle; deterministic, no example buffer to lose on resume
             ds = ds.shuffle(seed=seed + 1000 * i, buffer_size=1)
             ds.set_epoch(epoch)
@@ -50,6 +53,32 @@ def document_stream(sources: list[SourceConfig], seed: int, epoch: int, rank: in
     if heldout_fraction > 0:
         ds = ds.filter(lambda ex: is_heldout(ex["id"], heldout_fraction) == want_heldout)
     return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+
+
+_EXCLUDED: dict = {}
+
+
+def excluded_ids(src: SourceConfig) -> frozenset:
+    """Ids a pretraining source must skip: an ids file, and/or the validation + test splits of a classify
+    config (so the encoder never reads the articles it will later be tested on)."""
+    key = (src.exclude_ids, src.exclude_splits_of)
+    if key not in _EXCLUDED:
+        ids: set = set()
+        if src.exclude_ids:
+            try:
+                ids |= {line.strip() for line in open(src.exclude_ids) if line.strip()}
+            except OSError as e:
+                raise DataError(f"config key 'exclude_ids': {src.exclude_ids}: {e.strerror}") from None
+        if src.exclude_splits_of:
+            from ..config import load_config
+            from .classify import load_splits
+
+            splits = load_splits(load_config(src.exclude_splits_of, []))
+            for name in ("validation", "test"):
+                if name in splits:
+                    ids |= set(splits[name]["id"])
+        _EXCLUDED[key] = frozenset(ids)
+    return _EXCLUDED[key]
 
 
 class PackedStream(torch.utils.data.IterableDataset):
