@@ -121,3 +121,23 @@ def test_minilm_from_local_dir(tmp_path):
     run = read_run(out)
     assert run["final_step"] == 6 and run["test"]["examples"] == 223
     assert (out / "final" / "vocab.txt").exists() or (out / "final" / "tokenizer.json").exists()
+
+
+def test_metrics_on_all_and_clean_test_subset(tmp_path, tokenizer_dir):
+    """An audit of the run's own split feeds evaluation: every test metric twice, all vs clean."""
+    from llm_dist.analysis.audit import leaked_ids, main as audit_main
+
+    audit_dir = tmp_path / "audit"
+    assert audit_main([TINY, f"--output_dir={audit_dir}", f"--tokenizer.path={tokenizer_dir}", "--quiet"]) == 0
+    leaked = leaked_ids(str(audit_dir / "audit.json"), split="test")
+    assert 10 < len(leaked) < 120
+    out = tmp_path / "run"
+    launch(TINY, f"--output_dir={out}", f"--tokenizer.path={tokenizer_dir}", "--max_steps=5", "--eval_every=0",
+           f"--data.audit={audit_dir / 'audit.json'}", "--tracking.progress=false", nproc=1)
+    run = read_run(out)
+    assert run["test_clean"]["examples"] == 223 - len(leaked) == 223 - run["test"]["leaked_examples"]
+    row = [r for r in read_metrics(out) if "test_accuracy" in r][-1]
+    assert {"test_clean_accuracy", "test_clean_macro_f1", "test_leaked_examples"} <= set(row)
+    assert "clean subset (no train overlap" in (out / "test_report.txt").read_text()
+    split_ids = set((out / "splits" / "test.txt").read_text().split())
+    assert leaked <= split_ids  # the audit saw exactly the run's split
