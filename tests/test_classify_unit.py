@@ -173,3 +173,45 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys, tokenizer_dir):
     assert rc == 2
     assert len(err) == 1 and expect in err[0], err
     assert not out.exists()
+
+
+def test_text_pairs_and_save_to_disk(tmp_path, tokenizer_dir):
+    import datasets
+
+    from llm_dist.data.classify import tokenize_split
+    from llm_dist.data.sources import load_table
+    from llm_dist.models.build import load_tokenizer
+
+    d = tmp_path / "pairs"
+    datasets.Dataset.from_dict({"premise": ["the match was won", "shares fell"], "hypothesis": ["a team won", "stocks rose"],
+                                "y": ["yes", "no"]}).save_to_disk(str(d))
+    ds = load_table(str(d), "premise", "y", None, text_pair_column="hypothesis")
+    assert list(ds["id"]) == ["0", "1"] and list(ds["text_pair"]) == ["a team won", "stocks rose"]
+    enc = tokenize_split(ds, load_tokenizer(tokenizer_dir), {"no": 0, "yes": 1}, 32)
+    assert enc["labels"] == [1, 0]
+    assert 1 in enc["token_type_ids"][0] and enc["token_type_ids"][0][0] == 0  # second segment marked
+
+
+class _Acc:
+    distributed_type = type("T", (), {"value": "NO"})()
+
+    @staticmethod
+    def get_state_dict(model):
+        return {"w": torch.tensor([float(model)])}
+
+
+def test_best_model_and_early_stopping():
+    from llm_dist.tasks.classify import ClassifyTask
+
+    task = ClassifyTask.__new__(ClassifyTask)
+    task.cfg, task.acc, task.evals_without_improvement, task.best_state = RunConfig(task="classify"), _Acc(), 0, None
+    task.cfg.classify.early_stopping_patience = 2
+    best, stops = None, []
+    for step, f1 in enumerate([0.5, 0.7, 0.6, 0.65, 0.9]):
+        best, stop = task.track_best(step, {"eval_macro_f1": f1}, best, {"step": step})
+        stops.append(stop)
+        if stop:
+            break
+    assert best == {"value": 0.7, "step": 1, "metric": "eval_macro_f1"}
+    assert task.best_state["w"].item() == 1.0  # the weights of step 1 are kept
+    assert stops == [False, False, False, True]  # two evals without improvement

@@ -127,3 +127,14 @@ def test_grad_accum_equals_one_big_batch(tmp_path, tokenizer_dir):
     assert res["n_params"] > 10 and res["max_abs_grad"] > 1e-3
     assert res["max_abs_diff"] <= 1e-6 * max(1.0, res["max_abs_grad"])
     assert res["naive_diff"] > 1e-4  # the test can tell the right normalisation from the naive one
+
+
+def test_bf16_and_token_budget(tmp_path, tokenizer_dir):
+    """bf16 autocast on CPU (briefly: no bf16 units here), and max_tokens stops the run."""
+    out = tmp_path / "bf16"
+    launch(TINY, f"--output_dir={out}", f"--tokenizer.path={tokenizer_dir}", "--mixed_precision=bf16",
+           "--max_tokens=3000", "--log_every=1", "--tracking.progress=false", nproc=1)
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # 1,024 tokens a step: 3 steps reach 3,000
+    assert all(0 < r["loss"] < 20 for r in rows)
+    assert read_run(out)["final_step"] == 3

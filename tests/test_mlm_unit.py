@@ -129,3 +129,28 @@ def test_pretraining_can_exclude_eval_articles(tmp_path):
     src = [SourceConfig(name="bbc_news", exclude_ids=str(ids))]
     seen = {ex["id"] for ex in document_stream(src, 0, 0, 0, 1, 0, False)}
     assert len(seen) == 2223 and "business/001" not in seen
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "constant_with_warmup", "wsd"])
+def test_schedules(name):
+    from llm_dist.config import OptimConfig
+    from llm_dist.training.optim import build_optimizer, build_scheduler
+
+    model = torch.nn.Linear(4, 4)
+    cfg = OptimConfig(lr=1.0, scheduler=name, warmup_steps=10, decay_ratio=0.2)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[10] == pytest.approx(1.0)  # linear warmup to the peak
+    if name == "wsd":  # warmup, stable at the peak, then decay over the last 20%
+        assert lrs[50] == pytest.approx(1.0) and lrs[79] == pytest.approx(1.0) and lrs[99] < 0.05
+    elif name == "constant_with_warmup":
+        assert lrs[99] == pytest.approx(1.0)
+    else:
+        assert lrs[99] < 0.05 and lrs[50] < 1.0
+    # no weight decay on biases
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.weight_decay, 0.0]

