@@ -105,7 +105,7 @@ def label_maps(train: datasets.Dataset) -> tuple[dict, dict]:
 def tokenize_split(ds: datasets.Dataset, tokenizer, label2id: dict, max_length: int) -> dict:
     """Token ids per example (truncated, unpadded), label ids and stable ids, as plain lists."""
     pairs = list(ds["text_pair"]) if "text_pair" in ds.column_names else None
-    enc = tokenizer(list(ds["text"]), pairs, truncation=True, max_length=max_length)
+    enc = tokenizer(list(ds["text"]), pairs, truncation=True, max_length=max_length, return_token_type_ids=True)
     return {"input_ids": enc["input_ids"], "token_type_ids": enc.get("token_type_ids"),
             "labels": [label2id[x] for x in ds["label"]], "ids": list(ds["id"]),
             "lengths": [len(x) for x in enc["input_ids"]]}
