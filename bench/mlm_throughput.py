@@ -86,6 +86,29 @@ def parse_args(argv=None):
     return args
 
 
+# ----------------------------------------------------------------------------- clocks
+def _machine_busy() -> float:
+    """CPU-seconds the whole machine has been busy (all processes, plus steal), from /proc/stat; 0 elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _mark() -> tuple[float, float, float]:
+    """(wall, this process's CPU, machine busy) seconds."""
+    return time.perf_counter(), time.process_time(), _machine_busy()
+
+
+def _clock_stats(first: tuple, last: tuple, tokens: float) -> dict:
+    wall, cpu, busy = (b - a for a, b in zip(first, last))
+    return {"tokens_per_cpu_s": tokens / cpu, "cpu_seconds": cpu, "cores_used": cpu / wall,
+            # CPU other processes took meanwhile: > ~0.2 cores means the timing was contended
+            "other_cores": max(busy - cpu, 0.0) / wall if busy else None}
+
+
 # ----------------------------------------------------------------------------- shared inputs
 def train_documents(heldout_fraction: float) -> list[dict]:
     """The BBC News documents llm_dist trains on (its hold-out by id hash removed), sorted by id."""
@@ -189,14 +212,14 @@ def run_baseline(args, tokenizer, grouped: Grouped, output_dir: Path) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.begin, self.end, self.cpu = {}, {}, {}
+            self.begin, self.end, self.marks = {}, {}, {}
 
         def on_step_begin(self, a, state, control, **kw):
             self.begin[state.global_step + 1] = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
             self.end[state.global_step] = time.perf_counter()
-            self.cpu[state.global_step] = time.process_time()
+            self.marks[state.global_step] = _mark()
 
     config = preset_config(args.preset, tokenizer, ModelConfig(), max_position=max(512, args.seq_len))
     model = AutoModelForMaskedLM.from_config(config, attn_implementation="sdpa")  # BertForMaskedLM, as llm_dist builds it
@@ -228,9 +251,8 @@ def run_baseline(args, tokenizer, grouped: Grouped, output_dir: Path) -> dict:
     timed = last - first
     seconds = timer.end[last] - timer.end[first]
     compute = sum(timer.end[s] - timer.begin[s] for s in range(first + 1, last + 1))
-    cpu_seconds = timer.cpu[last] - timer.cpu[first]
     res = {"tokens_per_s": timed * tokens_per_step / seconds, "timed_steps": timed, "timed_seconds": seconds,
-           "tokens_per_cpu_s": timed * tokens_per_step / cpu_seconds, "cpu_seconds": cpu_seconds,
+           **_clock_stats(timer.marks[first], timer.marks[last], timed * tokens_per_step),
            "step_begin_to_end_tokens_per_s": timed * tokens_per_step / compute,
            "final_train_loss": float(out.training_loss), "wall_seconds": wall, "padding_fraction": pad / max(total, 1),
            "optimizer": _describe_optimizer(trainer.optimizer)}
@@ -255,13 +277,13 @@ def run_llm_dist(args, tokenizer_dir: str, output_dir: Path, sparse: bool) -> di
     cfg, overrides = llm_dist_config(args, tokenizer_dir, output_dir, sparse)
     # Also note this process's CPU time at each meter read (one per log row), by wrapping the loop's
     # meter class for this run: on a shared machine, tokens per CPU-second is less skewed by other jobs.
-    marks: list[float] = []
+    marks: list[tuple] = []
     meter_cls = getattr(loop, "Throughput", None)
     if meter_cls is not None:
         class CPUMarkedThroughput(meter_cls):
             def read(self):
                 out = super().read()
-                marks.append(time.process_time())
+                marks.append(_mark())
                 return out
 
         loop.Throughput = CPUMarkedThroughput
@@ -289,8 +311,7 @@ def run_llm_dist(args, tokenizer_dir: str, output_dir: Path, sparse: bool) -> di
     cpu = {}
     if len(marks) == len(train_rows) and len(marks) >= 2:
         first = next(i for i, r in enumerate(train_rows) if r["step"] >= args.log_every)
-        cpu_seconds = marks[-1] - marks[first]
-        cpu = {"tokens_per_cpu_s": tokens / cpu_seconds, "cpu_seconds": cpu_seconds}
+        cpu = _clock_stats(marks[first], marks[-1], tokens)
     return {"tokens_per_s": tokens / seconds, "timed_steps": int(round(tokens / (args.batch_size * args.seq_len))),
             "timed_seconds": seconds, **cpu, "final_train_loss": losses[-1] if losses else None,
             "train_seconds": result.get("train_seconds"), "wall_seconds": wall, "final_step": result.get("final_step"),

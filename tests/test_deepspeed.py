@@ -106,3 +106,13 @@ def test_offload_and_bf16(tmp_path, tokenizer_dir):
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
     assert rows[2]["lr"] > 0
+
+
+def test_fp16_loss_scaling(tmp_path, tokenizer_dir):
+    """fp16 with DeepSpeed's dynamic loss scaling (ZeRO-2), briefly."""
+    out = tmp_path / "fp16"
+    launch(MLM, f"--output_dir={out}", ds("zero2"), f"--tokenizer.path={tokenizer_dir}", "--max_steps=4",
+           "--log_every=1", "--mixed_precision=fp16", "--tracking.progress=false", deepspeed=True)
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert read_run(out)["zero_stage"] == 2 and len(rows) == 4
+    assert all(0 < r["loss"] < 20 for r in rows)
