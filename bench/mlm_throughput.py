@@ -76,6 +76,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="runs/bench/mlm_throughput", help="run dirs (deleted after each run)")
     p.add_argument("--out", default="runs/bench/mlm_throughput.json")
     p.add_argument("--keep_runs", action="store_true", help="keep each run's output dir")
+    p.add_argument("--wait_quiet", type=float, default=0.0,
+                   help="before each run wait up to this many seconds for other processes to use <= 0.3 cores "
+                        "(shared machines; 0: don't wait)")
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     bad = [s for s in args.systems if s not in SYSTEMS]
@@ -107,6 +110,18 @@ def _clock_stats(first: tuple, last: tuple, tokens: float) -> dict:
     return {"tokens_per_cpu_s": tokens / cpu, "cpu_seconds": cpu, "cores_used": cpu / wall,
             # CPU other processes took meanwhile: > ~0.2 cores means the timing was contended
             "other_cores": max(busy - cpu, 0.0) / wall if busy else None}
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.3, sample: float = 2.0) -> dict:
+    """Sleep until other processes use <= `threshold` cores (sampled over `sample` s), at most `max_wait` s."""
+    t0 = time.perf_counter()
+    while True:
+        b0 = _machine_busy()
+        time.sleep(sample)
+        other = (_machine_busy() - b0) / sample
+        waited = time.perf_counter() - t0
+        if other <= threshold or waited >= max_wait:
+            return {"other_cores_before": other, "waited_s": waited}
 
 
 # ----------------------------------------------------------------------------- shared inputs
@@ -371,17 +386,20 @@ def main(argv=None) -> dict:
             gc.collect()
             out_dir = workdir / f"round{r}-{system}"
             shutil.rmtree(out_dir, ignore_errors=True)
+            quiet = wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else {}
             if system == "baseline":
                 res = run_baseline(args, tokenizer, grouped, out_dir)
             else:
                 res = run_llm_dist(args, tokenizer_dir, out_dir, sparse=system == "llm_dist")
+            res.update(quiet)
             res["threads_after"] = torch.get_num_threads()
             res["loadavg_1min_after"] = os.getloadavg()[0]
             if not args.keep_runs:
                 shutil.rmtree(out_dir, ignore_errors=True)
             this[system] = res
             print(f"round {r + 1}/{args.rounds}  {system:15s} {res['tokens_per_s']:9.0f} tokens/s "
-                  f"({res['timed_steps']} steps in {res['timed_seconds']:.1f}s; run {res['wall_seconds']:.0f}s)", flush=True)
+                  f"({res['timed_steps']} steps in {res['timed_seconds']:.1f}s; run {res['wall_seconds']:.0f}s)"
+                  f"{_cores_note(res)}", flush=True)
         rounds.append(this)
     bench_seconds = time.perf_counter() - t_bench
 
@@ -392,7 +410,8 @@ def main(argv=None) -> dict:
         summary[system] = {"label": LABELS[system], "median_tokens_per_s": statistics.median(vals),
                            "tokens_per_s_per_round": vals,
                            "median_tokens_per_cpu_s": statistics.median(cpu_vals) if None not in cpu_vals else None,
-                           "tokens_per_cpu_s_per_round": cpu_vals}
+                           "tokens_per_cpu_s_per_round": cpu_vals,
+                           "other_cores_per_round": [rd[system].get("other_cores") for rd in rounds]}
     if "baseline" in summary:
         base = summary["baseline"]
         for system, row in summary.items():
@@ -433,6 +452,14 @@ def main(argv=None) -> dict:
     return report
 
 
+def _cores_note(res: dict) -> str:
+    if res.get("cores_used") is None:
+        return ""
+    other = res.get("other_cores")
+    return f"  {res.get('tokens_per_cpu_s', 0):.0f} tokens/CPU-s, used {res['cores_used']:.2f} cores" + (
+        f", other processes {other:.2f} cores" if other is not None else "")
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -461,6 +488,10 @@ def print_table(report: dict) -> None:
     print(f"(for information: run_mlm --line_by_line on this corpus at seq_len {report['settings']['seq_len']} would pad "
           f"{pad['line_by_line_dynamic_info']:.1%} of positions with per-batch padding, "
           f"{pad['line_by_line_max_length_info']:.1%} with --pad_to_max_length)")
+    others = [v for row in s.values() for v in row.get("other_cores_per_round", []) if v is not None]
+    if others:
+        print(f"other processes used {statistics.median(others):.2f} cores (median over runs, max {max(others):.2f}) "
+              f"while the steps were timed{': the wall-clock figures are contended, trust tokens/CPU-s more' if max(others) > 0.3 else ''}")
     load = report["loadavg_1_5_15"]
     print(f"bench time {report['bench_seconds']:.0f}s, {report['settings']['threads']} torch threads, "
           f"{report['environment']['cpu_count']} CPUs, 1-min load average {load['before'][0]:.1f} before / "

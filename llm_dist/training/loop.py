@@ -185,7 +185,7 @@ def run(cfg: RunConfig) -> dict:
 
     model.train()
     window = {"loss": 0.0, "count": 0.0, "sums": {}}
-    signalled, finished = False, False
+    signalled = False
     best = None
     t_start = time.time()
     while state["step"] < total_steps:
@@ -195,8 +195,7 @@ def run(cfg: RunConfig) -> dict:
                 micro.append(_to_device(task.next_batch(), acc.device))
             except StopIteration:
                 break
-        if not micro:
-            finished = True
+        if not micro:  # a finite data source ran out
             break
         n, tokens, flag, loss_local, sums = train_step(model, task, micro, acc, world, float(stop.flag))
         if _is_ds(acc):  # the engine clipped (gradient_clipping) and stepped in backward()

