@@ -66,8 +66,21 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="runs/bench/zero_memory", help="run dirs (deleted after each run unless --keep_runs)")
     p.add_argument("--out", default="runs/bench/zero_memory.json")
     p.add_argument("--keep_runs", action="store_true")
+    p.add_argument("--mixed_precision", default="no", choices=("no", "bf16"), help="the trainer's mixed_precision "
+                   "(bf16: DeepSpeed keeps bf16 parameter partitions beside the fp32 master; DDP keeps fp32 params)")
+    p.add_argument("--malloc_release", action="store_true",
+                   help="launch the ranks with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_=131072, so glibc returns "
+                        "freed tensor memory to the OS: RSS then tracks live memory rather than the allocator's high-water mark")
+    p.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
+                   help="an extra variant: a DeepSpeed JSON of your own (e.g. to try other bucket sizes); repeatable")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for item in args.extra:
+        name, _, path = item.partition("=")
+        if not name or not path or not Path(path).exists():
+            p.error(f"--extra {item!r}: expected NAME=PATH of an existing DeepSpeed JSON")
+        VARIANTS[name] = path
+        args.variants.append(name)
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {', '.join(bad)} (choose from {', '.join(VARIANTS)})")
@@ -87,6 +100,8 @@ def overrides(args, out_dir: Path, variant: str) -> list[str]:
          f"--batch_size={args.batch_size}", f"--data.seq_len={args.seq_len}", "--log_every=1",
          "--tracking.report_to=none", "--tracking.progress=false", "--eval_every=0", "--save_every=0",
          "--data.max_eval_batches=1", "--resume=never", f"--output_dir={out_dir}"]
+    if args.mixed_precision != "no":  # (the override parser reads a bare `no` as YAML false)
+        o.append(f"--mixed_precision={args.mixed_precision}")
     if VARIANTS[variant]:
         o.append(f"--deepspeed.config={VARIANTS[variant]}")
     return o
@@ -101,6 +116,8 @@ def command(args, out_dir: Path, variant: str) -> tuple[list[str], dict]:
                 "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")})
     env.pop("ACCELERATE_USE_CPU", None)
+    if args.malloc_release:
+        env.update({"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"})
     if VARIANTS[variant] is None:
         env["ACCELERATE_USE_CPU"] = "1"
     return cmd, env
@@ -225,7 +242,9 @@ def run_variant(args, variant: str, workdir: Path) -> dict:
                        **{f"peak_{ph}_gib": pk[ph] / GIB for ph in PHASES if ph in pk}}
     logged = [row["rss_gb"] for row in phases.rows if "rss_gb" in row]
     shown = ["accelerate", *cmd[1:]]
-    res = {"command": ("ACCELERATE_USE_CPU=1 " if VARIANTS[variant] is None else "")
+    prefix = "".join(f"{k}={env[k]} " for k in ("ACCELERATE_USE_CPU", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+                     if k in env)
+    res = {"command": prefix
                       + " ".join(shown).replace(str(ROOT) + "/", ""),
            "per_rank": per_rank, "phase_times_s": phases.times, "wall_seconds": wall, "samples": len(timeline),
            "rank0_logged_rss_gb_max": max(logged) if logged else None, "rank0_logged_rss_gb": logged,
@@ -271,6 +290,7 @@ def main(argv=None) -> dict:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"# {args.preset} MLM, {args.nproc} CPU ranks, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, "
+          f"mixed_precision {args.mixed_precision}{', glibc told to release freed memory' if args.malloc_release else ''}, "
           f"tokenizer {args.tokenizer}; variants {', '.join(args.variants)}", flush=True)
     results = {}
     t_bench = time.perf_counter()
