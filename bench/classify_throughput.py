@@ -11,14 +11,16 @@ batch 16, at each `--lengths` max_length:
   `transformers.AdamW` is gone in transformers 5), `model.zero_grad(); model(input_ids,
   attention_mask=attention_mask, labels=labels); loss.backward(); optimizer.step()`.
 - `llm_dist`: the real trainer, `llm_dist.training.loop.run(cfg)` in this process, from
-  `configs/classify/minilm_bbc.yaml` + overrides (`--data.max_length=L --max_steps=N --log_every=K`
+  `configs/classify/minilm_bbc.yaml` + overrides (`--data.max_length=L --max_steps=N --log_every=1`
   `--eval_every=0 --save_every=0`, output in a scratch dir): tokenized once, unpadded, length-grouped
   global batches padded per batch, warmup + linear schedule, clipping.
 
 Throughput is wall-clock **non-pad tokens/s** (attention_mask.sum(), which is what llm_dist's meter counts)
-over steps K+1 … N (the first K steps, with loader start and allocator warm-up, are not timed): for
-llm_dist from its metrics.jsonl rows, for the seed loop from the time after each optimizer step (so both
-intervals include data loading, forward, backward and the optimizer step). The seed loop's padded
+over steps W+1 … N (the first W = --warmup steps, with loader start and allocator warm-up, are not timed):
+for llm_dist from its metrics.jsonl rows (one per step), for the seed loop from the time after each
+optimizer step (so both intervals include data loading, forward, backward and the optimizer step). Besides
+each run's whole-window figure, the median over all timed *steps* is given: on a shared machine a burst
+of other jobs spoils a few steps, which moves a window total but hardly a median of steps. The seed loop's padded
 tokens/s (batch × L per step) and both loops' padding fractions (of the very batches each loop trained
 on) are printed too; also tokens per CPU-second of this process, less skewed by other jobs on a shared
 machine. Rounds interleave the loops (and alternate which goes first); the table gives medians over
@@ -67,8 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=str(MINILM), help="local pretrained BERT-style dir (default: the MiniLM-L6)")
     p.add_argument("--lengths", default="128,512", help="comma-separated max_length values")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per loop per round per length")
-    p.add_argument("--log_every", type=int, default=3, help="llm_dist log window; the first window is not timed "
-                                                          "(the seed loop skips as many steps)")
+    p.add_argument("--warmup", type=int, default=3, help="steps not timed at the start of each run (both loops)")
+    p.add_argument("--log_every", type=int, default=1, help="llm_dist's log window (1: a tokens/s row per step)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seed", type=int, default=42)
@@ -77,10 +79,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/bench/classify_throughput.json")
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
-    if args.steps <= args.log_every:
-        p.error("--steps must be larger than --log_every (the first log window is not timed)")
-    if (args.steps - args.log_every) % args.log_every:
-        p.error("--steps - --log_every must be a multiple of --log_every (whole log windows are timed)")
+    if args.steps <= args.warmup:
+        p.error("--steps must be larger than --warmup")
+    if args.warmup % args.log_every or args.steps % args.log_every:
+        p.error("--warmup and --steps must be multiples of --log_every (whole log windows are timed)")
     return args
 
 
@@ -146,11 +148,13 @@ def run_seed(args, train_texts: list[str], train_labels: list[str], max_length: 
     wall = time.perf_counter() - t0
     if len(ends) < args.steps:
         raise RuntimeError(f"the train split gave only {len(ends)} batches of {args.batch_size}")
-    k = args.log_every  # time steps k+1 … N, as for llm_dist
+    k = args.warmup  # time steps k+1 … N, as for llm_dist
     seconds, cpu_seconds = ends[-1] - ends[k - 1], cpu[-1] - cpu[k - 1]
     tok, pad_tok = sum(real[k:]), sum(padded[k:])
+    step_rates = [real[i] / (ends[i] - ends[i - 1]) for i in range(k, len(ends))]
     res = {"tokens_per_s": tok / seconds, "padded_tokens_per_s": pad_tok / seconds, "tokens_per_cpu_s": tok / cpu_seconds,
            "timed_steps": len(ends) - k, "timed_seconds": seconds, "cpu_seconds": cpu_seconds,
+           "step_tokens_per_s": step_rates,
            "padding_fraction": 1 - sum(real) / sum(padded), "mean_tokens_per_row": sum(real) / (len(real) * args.batch_size),
            "final_train_loss": losses[-1], "wall_seconds": wall, "model_class": type(model).__name__,
            "attn_implementation": getattr(model.config, "_attn_implementation", None),
@@ -201,21 +205,24 @@ def run_llm_dist(args, max_length: int, output_dir: Path) -> dict:
     train_rows = [r for r in rows if r.get("tokens_per_s") is not None]
     tokens = seconds = 0.0
     prev = None
+    window_rates = []
     for r in train_rows:
-        if prev is not None and r["step"] > args.log_every:
+        if prev is not None and r["step"] > args.warmup:
             window = r["tokens_seen"] - prev
             tokens += window
             seconds += window / r["tokens_per_s"]
+            window_rates.append(r["tokens_per_s"])
         prev = r["tokens_seen"]
     if seconds == 0:
-        raise RuntimeError(f"{output_dir}/metrics.jsonl: no timed log rows after step {args.log_every}")
-    first = next(i for i, r in enumerate(train_rows) if r["step"] >= args.log_every)
+        raise RuntimeError(f"{output_dir}/metrics.jsonl: no timed log rows after step {args.warmup}")
+    first = next(i for i, r in enumerate(train_rows) if r["step"] >= args.warmup)
     cpu_seconds = marks[-1] - marks[first] if len(marks) == len(train_rows) else None
-    timed = batches[args.log_every:args.steps]
+    timed = batches[args.warmup:args.steps]
     pad_tok = sum(n for _, n in timed)
     return {"tokens_per_s": tokens / seconds, "padded_tokens_per_s": pad_tok / seconds,
             "tokens_per_cpu_s": tokens / cpu_seconds if cpu_seconds else None,
-            "timed_steps": args.steps - args.log_every, "timed_seconds": seconds, "cpu_seconds": cpu_seconds,
+            "timed_steps": args.steps - args.warmup, "timed_seconds": seconds, "cpu_seconds": cpu_seconds,
+            "step_tokens_per_s": window_rates,
             "padding_fraction": 1 - sum(r for r, _ in batches) / max(sum(n for _, n in batches), 1),
             "mean_tokens_per_row": sum(r for r, _ in batches) / (len(batches) * args.batch_size),
             "final_train_loss": train_rows[-1].get("loss"), "wall_seconds": wall,
@@ -284,7 +291,7 @@ def main(argv=None) -> dict:
     lengths = [len(x) for x in tok(texts)["input_ids"]]
     epoch_padding = {L: padding_if_full_epoch(lengths, L, args.batch_size, args.seed) for L in args.lengths}
     print(f"# BBC News train split: {len(texts)} articles, {len(set(labels))} classes; median {statistics.median(lengths):.0f} "
-          f"tokens; model {args.model}; batch {args.batch_size}; {args.steps} steps/run (first {args.log_every} untimed) "
+          f"tokens; model {args.model}; batch {args.batch_size}; {args.steps} steps/run (first {args.warmup} untimed) "
           f"x {args.rounds} rounds x lengths {args.lengths}; {threads} torch threads", flush=True)
     for L, e in epoch_padding.items():
         print(f"#   max_length {L}: {e['share_longer_than_max_length']:.1%} of articles longer; padding over an epoch: "
@@ -329,12 +336,14 @@ def main(argv=None) -> dict:
                 "median_padded_tokens_per_s": statistics.median(p["padded_tokens_per_s"] for p in per),
                 "median_tokens_per_cpu_s": statistics.median(cpu) if None not in cpu else None,
                 "tokens_per_s_per_round": [p["tokens_per_s"] for p in per],
+                "median_step_tokens_per_s": statistics.median(x for p in per for x in p["step_tokens_per_s"]),
                 "padding_fraction": statistics.median(p["padding_fraction"] for p in per),
                 "mean_tokens_per_row": statistics.median(p["mean_tokens_per_row"] for p in per)}
         s, o = summary[L]["seed"], summary[L]["llm_dist"]
         o["ratio_vs_seed"] = o["median_tokens_per_s"] / s["median_tokens_per_s"]
         o["ratio_per_round"] = [rd[L]["llm_dist"]["tokens_per_s"] / rd[L]["seed"]["tokens_per_s"] for rd in rounds]
         o["median_ratio_per_round"] = statistics.median(o["ratio_per_round"])
+        o["step_median_ratio_vs_seed"] = o["median_step_tokens_per_s"] / s["median_step_tokens_per_s"]
         if o["median_tokens_per_cpu_s"] and s["median_tokens_per_cpu_s"]:
             o["cpu_ratio_vs_seed"] = o["median_tokens_per_cpu_s"] / s["median_tokens_per_cpu_s"]
 
@@ -370,22 +379,25 @@ def _cpu_name() -> str:
 
 def print_table(report: dict) -> None:
     print()
-    print(f"{'max_len':>7s} {'loop':40s} {'non-pad tok/s':>13s} {'per round':>13s} {'padded tok/s':>12s} "
-          f"{'padding':>7s} {'tok/CPU-s':>9s} {'ratio':>6s} {'per-round':>11s} {'CPU ratio':>9s}")
+    print(f"{'max_len':>7s} {'loop':40s} {'tok/s':>7s} {'per round':>11s} {'ratio':>6s} {'per-round':>11s} "
+          f"{'step-median':>11s} {'ratio':>6s} {'tok/CPU-s':>9s} {'ratio':>6s} {'padded tok/s':>12s} {'padding':>7s}")
     for L, rows in report["summary"].items():
         for system, row in rows.items():
+            ours = system != "seed"
             per = " ".join(f"{v:.0f}" for v in row["tokens_per_s_per_round"])
-            ratio = f"{row['ratio_vs_seed']:.2f}x" if "ratio_vs_seed" in row else "1.00x"
-            prr = " ".join(f"{v:.2f}" for v in row.get("ratio_per_round", [])) or "-"
+            ratio = f"{row['ratio_vs_seed']:.2f}x" if ours else "1.00x"
+            prr = " ".join(f"{v:.2f}" for v in row["ratio_per_round"]) if ours else "-"
+            sm = f"{row['step_median_ratio_vs_seed']:.2f}x" if ours else "1.00x"
             cpu = f"{row['median_tokens_per_cpu_s']:.0f}" if row.get("median_tokens_per_cpu_s") else "-"
-            cr = f"{row['cpu_ratio_vs_seed']:.2f}x" if "cpu_ratio_vs_seed" in row else ("1.00x" if system == "seed" else "-")
-            print(f"{L:>7s} {row['label']:40s} {row['median_tokens_per_s']:13.0f} {per:>13s} "
-                  f"{row['median_padded_tokens_per_s']:12.0f} {row['padding_fraction']:7.1%} {cpu:>9s} {ratio:>6s} "
-                  f"{prr:>11s} {cr:>9s}")
+            cr = (f"{row['cpu_ratio_vs_seed']:.2f}x" if "cpu_ratio_vs_seed" in row else "-") if ours else "1.00x"
+            print(f"{L:>7s} {row['label']:40s} {row['median_tokens_per_s']:7.0f} {per:>11s} {ratio:>6s} {prr:>11s} "
+                  f"{row['median_step_tokens_per_s']:11.0f} {sm:>6s} {cpu:>9s} {cr:>6s} "
+                  f"{row['median_padded_tokens_per_s']:12.0f} {row['padding_fraction']:7.1%}")
     load = report["loadavg_1_5_15"]
-    print(f"(tokens/s count non-pad tokens for both loops; ratio = llm_dist median / seed median; bench time "
-          f"{report['bench_seconds']:.0f}s, {report['settings']['threads']} torch threads, 1-min load "
-          f"{load['before'][0]:.1f} before / {load['after'][0]:.1f} after)")
+    print(f"(tokens/s: non-pad tokens (attention_mask.sum()) for both loops, median over rounds of each run's timed "
+          f"window; ratio: llm_dist / seed; step-median: median over all timed steps; padded tok/s counts pad "
+          f"positions too. Bench time {report['bench_seconds']:.0f}s, {report['settings']['threads']} torch threads, "
+          f"1-min load {load['before'][0]:.1f} before / {load['after'][0]:.1f} after)")
 
 
 if __name__ == "__main__":

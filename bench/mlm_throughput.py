@@ -18,9 +18,15 @@ wall-clock tokens/s over steps `log_every+1 … steps` (the first log window, wi
 allocator warm-up, is skipped): for llm_dist from its `metrics.jsonl` rows, for the baseline from the
 times of a `TrainerCallback.on_step_end`, i.e. the same interval llm_dist's meter covers (data, forward,
 backward, clip, optimizer step, logging). The report gives the median over rounds and the ratios.
-Timings on shared CPUs are noisy: nothing here asserts a speed.
 
-    .venv/bin/python bench/mlm_throughput.py                          # small preset, MiniLM vocab, ~6 min on 2 cores
+Timings on shared CPUs are noisy and nothing here asserts a speed. Each timed window also records this
+process's CPU time (tokens per CPU-second: less skewed when other jobs take cores) and how many cores
+other processes used meanwhile (from /proc/stat), so a contended figure is visible as such;
+`--wait_quiet S` waits up to S seconds before each run for the machine to go quiet. The Rust tokenizer
+runs single-threaded (TOKENIZERS_PARALLELISM=false) so it does not compete with torch's threads.
+
+    .venv/bin/python bench/mlm_throughput.py                          # small preset, MiniLM vocab: ~7 min on 2 idle cores
+    .venv/bin/python bench/mlm_throughput.py --wait_quiet 180         # on a shared machine
     .venv/bin/python bench/mlm_throughput.py --preset tiny --tokenizer train --steps 30 --rounds 2
     .venv/bin/python bench/mlm_throughput.py --systems baseline,llm_dist --rounds 5
 
@@ -100,16 +106,18 @@ def _machine_busy() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _mark() -> tuple[float, float, float]:
-    """(wall, this process's CPU, machine busy) seconds."""
-    return time.perf_counter(), time.process_time(), _machine_busy()
+def _mark() -> tuple[float, float, float, float]:
+    """(wall, this process's CPU, machine busy, main thread's CPU) seconds."""
+    return time.perf_counter(), time.process_time(), _machine_busy(), time.thread_time()
 
 
 def _clock_stats(first: tuple, last: tuple, tokens: float) -> dict:
-    wall, cpu, busy = (b - a for a, b in zip(first, last))
+    wall, cpu, busy, main = (b - a for a, b in zip(first, last))
     return {"tokens_per_cpu_s": tokens / cpu, "cpu_seconds": cpu, "cores_used": cpu / wall,
             # CPU other processes took meanwhile: > ~0.2 cores means the timing was contended
-            "other_cores": max(busy - cpu, 0.0) / wall if busy else None}
+            "other_cores": max(busy - cpu, 0.0) / wall if busy else None,
+            # the Python thread's share of the CPU (1/threads when all the work is parallel)
+            "main_thread_cpu_share": main / cpu}
 
 
 def wait_for_quiet(max_wait: float, threshold: float = 0.3, sample: float = 2.0) -> dict:
@@ -252,7 +260,9 @@ def run_baseline(args, tokenizer, grouped: Grouped, output_dir: Path) -> dict:
     trainer.remove_callback(PrinterCallback)
     # padding of the batches this Trainer feeds (with its column removal), from a separate loader
     pad = total = 0
+    keys: list[str] = []
     for i, b in enumerate(trainer.get_train_dataloader()):
+        keys = sorted(b.keys())  # no special_tokens_mask: the Trainer drops it, the collator recomputes it
         if i >= 4:
             break
         am = b.get("attention_mask")
@@ -269,8 +279,8 @@ def run_baseline(args, tokenizer, grouped: Grouped, output_dir: Path) -> dict:
     res = {"tokens_per_s": timed * tokens_per_step / seconds, "timed_steps": timed, "timed_seconds": seconds,
            **_clock_stats(timer.marks[first], timer.marks[last], timed * tokens_per_step),
            "step_begin_to_end_tokens_per_s": timed * tokens_per_step / compute,
-           "final_train_loss": float(out.training_loss), "wall_seconds": wall, "padding_fraction": pad / max(total, 1),
-           "optimizer": _describe_optimizer(trainer.optimizer)}
+           "mean_train_loss": float(out.training_loss), "wall_seconds": wall, "padding_fraction": pad / max(total, 1),
+           "batch_keys": keys, "optimizer": _describe_optimizer(trainer.optimizer)}
     del trainer, model
     return res
 
@@ -418,6 +428,7 @@ def main(argv=None) -> dict:
             row["ratio_vs_baseline"] = row["median_tokens_per_s"] / base["median_tokens_per_s"]
             # per-round ratios (each round's systems ran back to back)
             row["ratio_per_round"] = [rd[system]["tokens_per_s"] / rd["baseline"]["tokens_per_s"] for rd in rounds]
+            row["median_ratio_per_round"] = statistics.median(row["ratio_per_round"])
             if row["median_tokens_per_cpu_s"] and base["median_tokens_per_cpu_s"]:
                 row["cpu_ratio_vs_baseline"] = row["median_tokens_per_cpu_s"] / base["median_tokens_per_cpu_s"]
 
@@ -475,23 +486,29 @@ def print_table(report: dict) -> None:
     pads = {"baseline": pad.get("baseline_group_texts"), "llm_dist": pad.get("llm_dist_packed"),
             "llm_dist_dense": pad.get("llm_dist_packed")}
     print()
-    print(f"{'system':46s} {'tok/s median':>12s} {'per round':>18s} {'vs base':>7s} "
-          f"{'tok/CPU-s':>9s} {'vs base':>7s} {'padding':>7s}")
+    print(f"{'system':46s} {'tok/s':>6s} {'per round':>16s} {'vs base':>7s} {'paired':>6s} "
+          f"{'tok/CPU-s':>9s} {'vs base':>7s} {'others':>14s} {'pad':>5s}")
     for system, row in s.items():
         per = " ".join(f"{v:.0f}" for v in row["tokens_per_s_per_round"])
         ratio = f"{row['ratio_vs_baseline']:.2f}x" if "ratio_vs_baseline" in row else "-"
+        paired = f"{row['median_ratio_per_round']:.2f}x" if "median_ratio_per_round" in row else "-"
         cpu = f"{row['median_tokens_per_cpu_s']:.0f}" if row.get("median_tokens_per_cpu_s") else "-"
         cpu_ratio = f"{row['cpu_ratio_vs_baseline']:.2f}x" if "cpu_ratio_vs_baseline" in row else "-"
+        others = " ".join(f"{v:.1f}" if v is not None else "-" for v in row.get("other_cores_per_round", []))
         p = pads.get(system)
-        print(f"{row['label']:46s} {row['median_tokens_per_s']:12.0f} {per:>18s} {ratio:>7s} {cpu:>9s} {cpu_ratio:>7s} "
-              f"{(f'{p:.3f}' if p is not None else '-'):>7s}")
+        print(f"{row['label']:46s} {row['median_tokens_per_s']:6.0f} {per:>16s} {ratio:>7s} {paired:>6s} {cpu:>9s} "
+              f"{cpu_ratio:>7s} {others:>14s} {(f'{p:.3f}' if p is not None else '-'):>5s}")
+    print("tok/s: median over rounds of wall-clock tokens/s; vs base: ratio of the medians; paired: median over rounds "
+          "of the ratio within a round; tok/CPU-s: tokens per CPU-second of this process; others: cores other "
+          "processes used while each round's steps were timed; pad: padding fraction of the training batches")
     print(f"(for information: run_mlm --line_by_line on this corpus at seq_len {report['settings']['seq_len']} would pad "
           f"{pad['line_by_line_dynamic_info']:.1%} of positions with per-batch padding, "
           f"{pad['line_by_line_max_length_info']:.1%} with --pad_to_max_length)")
     others = [v for row in s.values() for v in row.get("other_cores_per_round", []) if v is not None]
     if others:
         print(f"other processes used {statistics.median(others):.2f} cores (median over runs, max {max(others):.2f}) "
-              f"while the steps were timed{': the wall-clock figures are contended, trust tokens/CPU-s more' if max(others) > 0.3 else ''}")
+              f"while the steps were timed" + (": the wall-clock figures are contended; compare tokens/CPU-s too, or rerun "
+                                          "with --threads 1 or --wait_quiet" if max(others) > 0.3 else ""))
     load = report["loadavg_1_5_15"]
     print(f"bench time {report['bench_seconds']:.0f}s, {report['settings']['threads']} torch threads, "
           f"{report['environment']['cpu_count']} CPUs, 1-min load average {load['before'][0]:.1f} before / "

