@@ -3,7 +3,7 @@
 reported on all test articles and on the clean subset (no exact / near / 13-gram overlap with train,
 from `llm-dist audit`).
 
-    .venv/bin/python bench/classify_quality.py [--config configs/classify/minilm_bbc.yaml] [--seeds 1 2 3]
+    .venv/bin/python bench/classify_quality.py [--config configs/classify/minilm_bbc.yaml] [--seeds 1 2 3] [--key=value ...]
 
 Prints a table and writes runs/quality/quality.json."""
 from __future__ import annotations
@@ -47,8 +47,8 @@ def main() -> int:
     ap.add_argument("--config", default="configs/classify/minilm_bbc.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--out", default="runs/quality")
-    ap.add_argument("overrides", nargs="*", help="extra --key=value for every fine-tuning run")
-    args = ap.parse_args()
+    args, overrides = ap.parse_known_args()  # the rest: --key=value for every fine-tuning run
+    args.overrides = overrides
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -89,7 +89,7 @@ def main() -> int:
         print(f"{r[0]:<11} {r[1]:>17} {r[2]:>17} {r[3]:>11} {r[4]:>10} {r[5]:>4}")
     secs = statistics.mean(r["wall_seconds"] for r in runs)
     print(f"\nmean wall time per fine-tuning run: {secs:.0f} s ({runs[0]['final_step']} steps)")
-    (out / "quality.json").write_text(json.dumps({"config": args.config, "seeds": args.seeds, "runs": [
+    (out / "quality.json").write_text(json.dumps({"config": args.config, "seeds": args.seeds, "overrides": args.overrides, "runs": [
         {k: r[k] for k in ("test", "test_clean", "wall_seconds", "train_seconds", "final_step")} for r in runs],
         "tfidf": base}, indent=1))
     return 0

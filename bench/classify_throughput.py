@@ -201,6 +201,9 @@ def run_llm_dist(args, max_length: int, output_dir: Path) -> dict:
     finally:
         loop.Throughput, loop.make_task = meter_cls, make_task
     wall = time.perf_counter() - t0
+    if result.get("signalled") or result.get("final_step") != args.steps:
+        raise RuntimeError(f"the llm_dist run stopped at step {result.get('final_step')} of {args.steps}"
+                           f"{' on a signal (SIGTERM/SIGUSR1 from outside)' if result.get('signalled') else ''}")
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = [r for r in rows if r.get("tokens_per_s") is not None]
     tokens = seconds = 0.0
@@ -221,7 +224,7 @@ def run_llm_dist(args, max_length: int, output_dir: Path) -> dict:
     pad_tok = sum(n for _, n in timed)
     return {"tokens_per_s": tokens / seconds, "padded_tokens_per_s": pad_tok / seconds,
             "tokens_per_cpu_s": tokens / cpu_seconds if cpu_seconds else None,
-            "timed_steps": args.steps - args.warmup, "timed_seconds": seconds, "cpu_seconds": cpu_seconds,
+            "timed_steps": len(timed), "timed_seconds": seconds, "cpu_seconds": cpu_seconds,
             "step_tokens_per_s": window_rates,
             "padding_fraction": 1 - sum(r for r, _ in batches) / max(sum(n for _, n in batches), 1),
             "mean_tokens_per_row": sum(r for r, _ in batches) / (len(batches) * args.batch_size),
