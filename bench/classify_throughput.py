@@ -77,6 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads for both loops (default: torch's default)")
     p.add_argument("--workdir", default="runs/bench/classify_throughput", help="scratch run dirs (deleted after each run)")
     p.add_argument("--out", default="runs/bench/classify_throughput.json")
+    p.add_argument("--resume", action="store_true", help="reuse the finished runs saved in OUT.partial.json "
+                                                        "by an interrupted bench with the same settings")
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
     if args.steps <= args.warmup:
@@ -300,6 +302,16 @@ def main(argv=None) -> dict:
         print(f"#   max_length {L}: {e['share_longer_than_max_length']:.1%} of articles longer; padding over an epoch: "
               f"pad-to-max {e['pad_to_max_length']:.1%}, llm_dist grouped {e['llm_dist_grouped']:.1%}", flush=True)
 
+    # Every finished run is saved at once to OUT.partial.json; --resume picks those up (same settings), so an
+    # interrupted bench (a signal from outside, a reboot) only repeats the runs it had not finished.
+    partial_path = Path(args.out).with_suffix(".partial.json")
+    key = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "workdir")}
+    done: dict = {}
+    if args.resume and partial_path.exists():
+        saved = json.loads(partial_path.read_text())
+        if saved.get("settings") == json.loads(json.dumps(key)):
+            done = saved["runs"]
+            print(f"# resuming: {len(done)} finished runs from {partial_path}", flush=True)
     rounds: list[dict] = []
     load_before = os.getloadavg()
     t_bench = time.perf_counter()
@@ -309,10 +321,14 @@ def main(argv=None) -> dict:
             this[L] = {}
             order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
             for system in order:
+                name = f"round{r}-L{L}-{system}"
+                if name in done:
+                    this[L][system] = done[name]
+                    continue
                 torch.set_num_threads(threads)
                 _reset_accelerate_state()
                 gc.collect()
-                out_dir = workdir / f"round{r}-L{L}-{system}"
+                out_dir = workdir / name
                 shutil.rmtree(out_dir, ignore_errors=True)
                 if system == "seed":
                     res = run_seed(args, texts, labels, L)
@@ -320,7 +336,10 @@ def main(argv=None) -> dict:
                     res = run_llm_dist(args, L, out_dir)
                 shutil.rmtree(out_dir, ignore_errors=True)
                 res["loadavg_1min_after"] = os.getloadavg()[0]
-                this[L][system] = res
+                res["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                this[L][system] = done[name] = res
+                partial_path.parent.mkdir(parents=True, exist_ok=True)
+                partial_path.write_text(json.dumps({"settings": key, "runs": done}, default=float))
                 print(f"round {r + 1}/{args.rounds}  L={L:<4d} {system:9s} {res['tokens_per_s']:8.0f} non-pad tok/s "
                       f"({res['padded_tokens_per_s']:.0f} padded; padding {res['padding_fraction']:.1%}; "
                       f"{res['timed_steps']} steps in {res['timed_seconds']:.1f}s; run {res['wall_seconds']:.0f}s)", flush=True)
@@ -366,6 +385,7 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, default=float))
+    partial_path.unlink(missing_ok=True)
     print(f"wrote {out}")
     return report
 

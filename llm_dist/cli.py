@@ -37,8 +37,8 @@ def train_main(argv: list[str]) -> int:
 
         while True:
             created = None if Path(cfg.output_dir).exists() else Path(cfg.output_dir)
-            run(cfg)
-            if not cfg.then:
+            result = run(cfg)
+            if not cfg.then or result.get("signalled"):  # a preempted stage ends the chain
                 break
             cfg = load_config(cfg.then, [])
     except (ConfigError, DataError, ModelError, FileNotFoundError) as e:
