@@ -32,6 +32,10 @@ rows: padding and length grouping cannot save anything there. At 512 (many artic
 
     .venv/bin/python bench/classify_throughput.py                         # 128 and 512, 2 rounds, ~8 min on 2 cores
     .venv/bin/python bench/classify_throughput.py --lengths 512 --steps 20 --rounds 3
+    .venv/bin/python bench/classify_throughput.py --resume      # finish a bench that was interrupted
+
+An llm_dist run that stopped early (e.g. a SIGTERM/SIGUSR1 from outside makes the trainer checkpoint and
+stop) is refused rather than measured; every finished run is saved at once to OUT.partial.json.
 
 Nothing here asserts a speed: timings on shared CPUs are noisy. Writes JSON (every round's figures) to --out.
 """

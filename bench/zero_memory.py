@@ -28,7 +28,7 @@ each rank's peak during training (setup + train) and overall (with eval and expo
 For scale it also measures the RSS floor of a process that only imports what a rank imports, and prints
 the model-state bytes (parameters, gradients, AdamW moments) each variant should keep per rank in theory.
 
-    .venv/bin/python bench/zero_memory.py                            # ddp, zero2, zero3, zero3_offload (~6-10 min)
+    .venv/bin/python bench/zero_memory.py                            # ddp, zero2, zero3, zero3_offload (~3-4 min on 2 cores)
     .venv/bin/python bench/zero_memory.py --variants ddp,zero3,zero3_tuned --malloc_release
     .venv/bin/python bench/zero_memory.py --variants ddp,zero3,zero3_tuned --malloc_release --mixed_precision bf16
 
