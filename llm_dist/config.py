@@ -162,7 +162,8 @@ class RunConfig:
     resume: str = "auto"  # auto | never | PATH of a checkpoint dir
     batch_size: int = 32  # per device micro-batch
     grad_accum: int = 1
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (= the launcher's: accelerate config / --mixed_precision, else no) | no | bf16 | fp16
+    malloc_release: str = "auto"  # auto (= yes without CUDA) | yes | no: glibc gives freed memory back (training/memory.py)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -176,7 +177,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         choices = {
             "task": ("mlm", "classify"),
-            "mixed_precision": ("no", "bf16", "fp16"),
+            "mixed_precision": ("auto", "no", "bf16", "fp16"),
+            "malloc_release": ("auto", "yes", "no"),
             "optim.scheduler": ("linear", "cosine", "constant_with_warmup", "constant", "wsd"),
             "tracking.report_to": ("wandb", "tensorboard", "none"),
         }

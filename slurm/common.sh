@@ -49,7 +49,8 @@ llm_dist_setup() {
         fi
     fi
     [[ $NPROC_PER_NODE =~ ^[0-9]+$ && $NPROC_PER_NODE -ge 1 ]] || llm_dist_die "bad NPROC_PER_NODE=$NPROC_PER_NODE"
-    # the launcher flag only; the trainer config's mixed_precision is what counts
+    # the launcher flag: what a run config with `mixed_precision: auto` (the default) uses; a run
+    # config value (configs/mlm/base.yaml: bf16) wins over it
     MIXED_PRECISION=${MIXED_PRECISION:-no}
     # CPU threads per process: the task's cores shared by the node's processes
     local cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}

@@ -61,3 +61,20 @@ def test_unknown_key_in_file_names_file(tmp_path):
 def test_yaml_no_stays_a_string():
     cfg = load_config(ROOT / "configs/mlm/tiny.yaml", ["--mixed_precision=no"])
     assert cfg.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("launcher, run_value, expected", [("bf16", "auto", "bf16"), ("bf16", "no", "no"),
+                                                          ("no", "auto", "no")])
+def test_mixed_precision_auto_follows_the_launcher(launcher, run_value, expected, tmp_path):
+    """`mixed_precision: auto` takes the launcher's (accelerate config / --mixed_precision → ACCELERATE_MIXED_PRECISION);
+    a value in the run config wins over it."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from llm_dist.config import load_config; from llm_dist.training.loop import build_accelerator\n"
+            f"cfg = load_config('configs/mlm/tiny.yaml', ['--mixed_precision={run_value}', '--output_dir={tmp_path}'])\n"
+            "print(build_accelerator(cfg).mixed_precision)")
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": launcher}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == expected

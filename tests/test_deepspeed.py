@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 (and offload, bf16) on 2 CPU ranks over gloo, for MLM and classify: world size,
 loss falls, consolidated export loads and matches the shards, exact ZeRO-2 resume, resume on another world size."""
+import json
 import subprocess
 import time
 
@@ -47,6 +48,13 @@ def test_mlm_zero(stage, tmp_path, tokenizer_dir):
     assert run["world_size"] == 2 and run["total_params"] > 500_000
     loss_falls(out)
     assert (out / "checkpoints" / "step_00000030" / "pytorch_model").is_dir()
+    resolved = json.loads((out / "ds_config.json").read_text())  # every "auto" filled, device ones for CPU
+    assert "auto" not in json.dumps(resolved) and resolved["zero_optimization"]["overlap_comm"] is False
+    if stage == "zero3":
+        zero = resolved["zero_optimization"]
+        assert zero["stage3_max_live_parameters"] == zero["sub_group_size"] == 1e7
+        assert zero["reduce_bucket_size"] == 128 * 128  # accelerate's hidden² for the tiny preset
+    assert len(run["memory"]["peak_rss_gb_per_rank"]) == 2
     from transformers import AutoModelForMaskedLM
 
     AutoModelForMaskedLM.from_pretrained(out / "final")
@@ -116,3 +124,26 @@ def test_fp16_loss_scaling(tmp_path, tokenizer_dir):
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert read_run(out)["zero_stage"] == 2 and len(rows) == 4
     assert all(0 < r["loss"] < 20 for r in rows)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_config_file_selects_zero(stage, tmp_path, tokenizer_dir):
+    """The README's `accelerate launch --config_file configs/accelerate/deepspeed_zero{2,3}.yaml` route, as
+    written (no --mixed_precision flag): accelerate reads the DeepSpeed JSON itself (no deepspeed.config key)
+    and the trainer still resolves every "auto"; precision comes from the run config."""
+    from conftest import ACCELERATE, _free_port
+
+    out = tmp_path / "yaml"
+    cmd = [ACCELERATE, "launch", "--config_file", f"configs/accelerate/deepspeed_zero{stage}.yaml", "--num_processes",
+           "2", "--main_process_port", str(_free_port()), "train.py", MLM, f"--output_dir={out}",
+           f"--tokenizer.path={tokenizer_dir}", "--max_steps=6", "--log_every=2", "--tracking.progress=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(deepspeed=True), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = read_run(out)
+    assert run["world_size"] == 2 and run["zero_stage"] == stage and run["distributed_type"] == "DEEPSPEED"
+    assert run["mixed_precision"] == "no"
+    resolved = json.loads((out / "ds_config.json").read_text())
+    assert "auto" not in json.dumps(resolved) and resolved["zero_optimization"]["overlap_comm"] is False
+    if stage == 3:
+        zero = resolved["zero_optimization"]
+        assert (zero["stage3_max_live_parameters"], zero["sub_group_size"]) == (1e7, 1e7)

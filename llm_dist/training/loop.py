@@ -26,6 +26,8 @@ from ..config import ConfigError, RunConfig, save_config, to_dict
 from ..tracking.meters import MetricsWriter, Throughput, memory_stats, peak_tflops
 from .checkpoint import (Checkpointer, load_data_state, load_portable, load_portable_scheduler, load_trainer_state,
                          resolve_resume)
+from .ds_config import load_ds_config, resolve_device_autos
+from .memory import configure_malloc, peak_memory_per_rank
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .signals import StopSignal
 
@@ -40,18 +42,20 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
         handlers.append(InitProcessGroupKwargs(backend="gloo", timeout=timedelta(minutes=30)))
     ds_plugin = None
     if cfg.deepspeed.config:
-        ds_plugin = DeepSpeedPlugin(hf_ds_config=cfg.deepspeed.config, gradient_accumulation_steps=cfg.grad_accum,
+        ds_dict = load_ds_config(cfg.deepspeed.config, cuda=torch.cuda.is_available())
+        ds_plugin = DeepSpeedPlugin(hf_ds_config=ds_dict, gradient_accumulation_steps=cfg.grad_accum,
                                     gradient_clipping=cfg.optim.max_grad_norm)
     log_with = None if cfg.tracking.report_to == "none" else cfg.tracking.report_to
     if log_with == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline")
     project = ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard"))
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=log_with, project_config=project,
+    precision = None if cfg.mixed_precision == "auto" else cfg.mixed_precision  # None: accelerate reads the launcher's
+    acc = Accelerator(mixed_precision=precision, log_with=log_with, project_config=project,
                        kwargs_handlers=handlers, deepspeed_plugin=ds_plugin,
                        gradient_accumulation_steps=cfg.grad_accum if ds_plugin else 1)
     if acc.state.deepspeed_plugin is not None:
         # our loop feeds micro-batches itself (no prepared train dataloader), so fill the batch "auto"s here
-        dsc = acc.state.deepspeed_plugin.deepspeed_config
+        dsc = resolve_device_autos(acc.state.deepspeed_plugin.deepspeed_config, torch.cuda.is_available())
         dsc["train_micro_batch_size_per_gpu"] = cfg.batch_size
         dsc["gradient_accumulation_steps"] = cfg.grad_accum
         dsc["train_batch_size"] = cfg.batch_size * cfg.grad_accum * acc.num_processes
@@ -115,6 +119,7 @@ def run(cfg: RunConfig) -> dict:
     stop = StopSignal()  # first, so a preemption signal during start-up is not lost
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    malloc_release = configure_malloc(cfg.malloc_release)  # before the model and data allocate
     accelerator = build_accelerator(cfg)
     acc, main = accelerator, accelerator.is_main_process
     world = acc.num_processes
@@ -149,6 +154,8 @@ def run(cfg: RunConfig) -> dict:
         model, optimizer = acc.prepare(model, optimizer)
         scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
         acc.register_for_checkpointing(scheduler)
+    if main and _is_ds(acc):  # every "auto" resolved: ours by device, accelerate's from the model at prepare
+        (out / "ds_config.json").write_text(json.dumps(acc.state.deepspeed_plugin.deepspeed_config, indent=1))
     ckpt = Checkpointer(out / "checkpoints", acc, keep=cfg.keep_checkpoints)
     if portable:
         restored += load_portable_scheduler(resume_from, scheduler)
@@ -230,6 +237,7 @@ def run(cfg: RunConfig) -> dict:
                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
                    **meter.read(), "tokens_seen": state["tokens_seen"], "samples_seen": state["samples_seen"],
                    **task.log_row({k: vec[i + 1].item() for i, k in enumerate(keys)}, count), **memory_stats()}
+            row["peak_rss_gb"] = peak_memory_per_rank(acc)["peak_rss_gb"]  # max over ranks (rss_gb: rank 0 now)
             row["batch_fingerprint"] = int(vec[1 + keys.index("batch_fingerprint")].item())
             log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -257,8 +265,9 @@ def run(cfg: RunConfig) -> dict:
 
     result = {"final_step": state["step"], "world_size": world, "num_machines": _num_machines(world),
               "distributed_type": acc.distributed_type.value, "zero_stage": state["zero_stage"],
+              "mixed_precision": str(acc.mixed_precision),
               "tokens_seen": state["tokens_seen"], "signalled": signalled,
-              "train_seconds": time.time() - t_start, **params}
+              "train_seconds": time.time() - t_start, "malloc_release": malloc_release, **params}
     if not signalled:
         metrics = task.evaluate(model, state["step"])
         log(metrics)
@@ -276,6 +285,7 @@ def run(cfg: RunConfig) -> dict:
                 log(report.pop("_log_row"))
                 result.update(report)
     result["param_checksums"] = _param_checksums(model, acc)
+    result["memory"] = peak_memory_per_rank(acc)  # each rank's peak over the whole run, export included
     if main:
         (out / "run.json").write_text(json.dumps(result, indent=1, default=float))
     acc.wait_for_everyone()

@@ -1,0 +1,51 @@
+"""Host memory: make glibc give freed memory back, and measure each rank's true peak.
+
+Why (docs/bench_classify_zero.md §2): ZeRO-3 gathers and frees full parameters layer by layer every
+step. glibc's malloc raises its mmap threshold after large frees (up to 32 MiB), so those buffers
+then come from the heap and stay there: RSS records the allocator's high-water mark, not live
+tensors, and ZeRO-3's saving does not show. Fixing the thresholds (the documented
+MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, set here with mallopt so every launcher gets it)
+makes RSS follow live memory. On CUDA the caching allocator holds the tensors and this is moot.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import resource
+import sys
+
+import torch
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
+RELEASE_THRESHOLD = 128 * 1024  # glibc's initial mmap threshold, kept fixed instead of adapting upwards
+
+
+def configure_malloc(mode: str) -> bool:
+    """`mode` auto | yes | no (config `malloc_release`); True when glibc was told. A no-op off glibc."""
+    if mode == "no" or (mode == "auto" and torch.cuda.is_available()) or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD) == 1
+        return bool(ok and libc.mallopt(M_TRIM_THRESHOLD, RELEASE_THRESHOLD) == 1)
+    except (OSError, AttributeError):  # not glibc (musl, …)
+        return False
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set since it started (the kernel's high-water mark; KiB on Linux)."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def peak_memory_per_rank(acc) -> dict:
+    """Peak host RSS (and CUDA allocated) of every rank, gathered: a collective, every rank calls it."""
+    local = [peak_rss_gb()]
+    if torch.cuda.is_available():
+        local.append(torch.cuda.max_memory_allocated() / 2**30)
+    vec = torch.tensor(local, dtype=torch.float64, device=acc.device)
+    rows = (acc.gather(vec[None]) if acc.num_processes > 1 else vec[None]).cpu().tolist()
+    out = {"peak_rss_gb": max(r[0] for r in rows), "peak_rss_gb_per_rank": [round(r[0], 4) for r in rows]}
+    if torch.cuda.is_available():
+        out["cuda_peak_allocated_gb"] = max(r[1] for r in rows)
+    return out
