@@ -14,8 +14,11 @@ vocab given by `--tokenizer.path`), a few steps, no checkpoints:
            (llm_dist/training/ds_config.py) set to their GPU values — DeepSpeed's defaults, what the repo's
            zero3.json had before; `--extra NAME=JSON` adds any DeepSpeed JSON of yours.
 
-Every run uses the trainer as shipped: on CPU ranks it resolves the ZeRO-3 "auto"s to lean values and tells
-glibc to give freed memory back (`malloc_release: auto`; `--malloc_release no` measures without). Each
+Every run uses the shipped configs: on CPU ranks the trainer resolves the ZeRO-3 "auto"s to lean values.
+All variants run with the same allocator setting, by default `--malloc_release=yes` (glibc gives freed
+memory back, so RSS is live memory, not the allocator's high-water mark); `--malloc_release no` measures
+glibc's default, `auto` the trainer's default (yes for ZeRO-3 only; bench/malloc_release.py has its
+speed cost). Each
 `--mixed_precision` value (default: `no,bf16`) is a full table; in bf16 DeepSpeed keeps bf16 parameter
 partitions beside its fp32 master, DDP keeps fp32 parameters under autocast.
 
@@ -85,9 +88,10 @@ def parse_args(argv=None):
     p.add_argument("--mixed_precision", default="no,bf16", help="comma-separated trainer mixed_precision values, "
                    "each a full table (bf16: DeepSpeed keeps bf16 parameter partitions beside the fp32 master; DDP "
                    "keeps fp32 parameters under autocast)")
-    p.add_argument("--malloc_release", default="auto", choices=("auto", "yes", "no"),
-                   help="the trainer's malloc_release (auto = yes on CPU: glibc returns freed tensor memory to the OS, "
-                        "so RSS tracks live memory rather than the allocator's high-water mark)")
+    p.add_argument("--malloc_release", default="yes", choices=("auto", "yes", "no"),
+                   help="the trainer's malloc_release for every variant (yes: glibc returns freed tensor memory to the "
+                        "OS, so RSS tracks live memory rather than the allocator's high-water mark; auto, the trainer's "
+                        "default: yes for ZeRO-3 only, i.e. as shipped)")
     p.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
                    help="an extra variant: a DeepSpeed JSON of your own (e.g. to try other bucket sizes); repeatable")
     args = p.parse_args(argv)

@@ -163,7 +163,7 @@ class RunConfig:
     batch_size: int = 32  # per device micro-batch
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (= the launcher's: accelerate config / --mixed_precision, else no) | no | bf16 | fp16
-    malloc_release: str = "auto"  # auto (= yes without CUDA) | yes | no: glibc gives freed memory back (training/memory.py)
+    malloc_release: str = "auto"  # auto (= yes for ZeRO-3 without CUDA) | yes | no: glibc gives freed memory back (training/memory.py)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -119,9 +119,9 @@ def run(cfg: RunConfig) -> dict:
     stop = StopSignal()  # first, so a preemption signal during start-up is not lost
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    malloc_release = configure_malloc(cfg.malloc_release)  # before the model and data allocate
     accelerator = build_accelerator(cfg)
     acc, main = accelerator, accelerator.is_main_process
+    malloc_release = configure_malloc(cfg.malloc_release, _zero_stage(acc))  # before the model and data allocate
     world = acc.num_processes
     set_seed(cfg.seed)
     if main:
