@@ -10,7 +10,8 @@ from conftest import ROOT
 
 PROBE = r"""
 import sys, torch, psutil
-from llm_dist.training.memory import configure_malloc, peak_rss_gb
+from llm_dist.training.memory import configure_malloc
+from llm_dist.tracking.meters import peak_rss_gb
 told = configure_malloc(sys.argv[1], None if sys.argv[2] == "-" else int(sys.argv[2]))
 rss = lambda: psutil.Process().memory_info().rss / 2**20
 big = torch.ones(16 * 2**20 // 4); del big   # a freed 16 MiB chunk raises glibc's adaptive mmap threshold
@@ -38,7 +39,7 @@ def test_malloc_release_gives_freed_memory_back():
 
 
 def test_peak_memory_single_process():
-    from llm_dist.training.memory import peak_memory_per_rank, peak_rss_gb
+    from llm_dist.tracking.meters import peak_memory_per_rank, peak_rss_gb
 
     before = peak_rss_gb()
     x = torch.ones(96 * 2**20)  # 384 MiB touched

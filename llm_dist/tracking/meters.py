@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +33,26 @@ def memory_stats() -> dict:
     out = {"rss_gb": psutil.Process(os.getpid()).memory_info().rss / 2**30}
     if torch.cuda.is_available():
         out["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set since it started: the kernel's high-water mark (KiB on Linux), which
+    Linux updates lazily, so never below the current RSS."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(kib / (2**30 if sys.platform == "darwin" else 2**20), psutil.Process(os.getpid()).memory_info().rss / 2**30)
+
+
+def peak_memory_per_rank(acc) -> dict:
+    """Peak host RSS (and CUDA allocated) of every rank, gathered: a collective, every rank calls it."""
+    local = [peak_rss_gb()]
+    if torch.cuda.is_available():
+        local.append(torch.cuda.max_memory_allocated() / 2**30)
+    vec = torch.tensor(local, dtype=torch.float64, device=acc.device)
+    rows = (acc.gather(vec[None]) if acc.num_processes > 1 else vec[None]).cpu().tolist()
+    out = {"peak_rss_gb": max(r[0] for r in rows), "peak_rss_gb_per_rank": [r[0] for r in rows]}
+    if torch.cuda.is_available():
+        out["cuda_peak_allocated_gb"] = max(r[1] for r in rows)
     return out
 
 

@@ -23,11 +23,11 @@ from accelerate.utils import DeepSpeedPlugin, DummyScheduler, InitProcessGroupKw
 from tqdm.auto import tqdm
 
 from ..config import ConfigError, RunConfig, save_config, to_dict
-from ..tracking.meters import MetricsWriter, Throughput, memory_stats, peak_tflops
+from ..tracking.meters import MetricsWriter, Throughput, memory_stats, peak_memory_per_rank, peak_tflops
 from .checkpoint import (Checkpointer, load_data_state, load_portable, load_portable_scheduler, load_trainer_state,
                          resolve_resume)
 from .ds_config import load_ds_config, resolve_device_autos
-from .memory import configure_malloc, peak_memory_per_rank
+from .memory import configure_malloc
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .signals import StopSignal
 

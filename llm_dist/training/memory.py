@@ -1,4 +1,4 @@
-"""Host memory: make glibc give freed memory back, and measure each rank's true peak.
+"""Host memory: make glibc give freed memory back (each rank's peak is measured in tracking/meters.py).
 
 Why (docs/bench_classify_zero.md §2): ZeRO-3 gathers and frees full parameters layer by layer every
 step. glibc's malloc raises its mmap threshold after large frees (up to 32 MiB), so those buffers
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import resource
 import sys
 
 import torch
@@ -39,25 +38,3 @@ def configure_malloc(mode: str, zero_stage: int | None = None) -> bool:
         return bool(ok and libc.mallopt(M_TRIM_THRESHOLD, RELEASE_THRESHOLD) == 1)
     except (OSError, AttributeError):  # not glibc (musl, …)
         return False
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident set since it started: the kernel's high-water mark (KiB on Linux), which
-    Linux updates lazily, so never below the current RSS."""
-    import psutil
-
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(kib / (2**30 if sys.platform == "darwin" else 2**20), psutil.Process().memory_info().rss / 2**30)
-
-
-def peak_memory_per_rank(acc) -> dict:
-    """Peak host RSS (and CUDA allocated) of every rank, gathered: a collective, every rank calls it."""
-    local = [peak_rss_gb()]
-    if torch.cuda.is_available():
-        local.append(torch.cuda.max_memory_allocated() / 2**30)
-    vec = torch.tensor(local, dtype=torch.float64, device=acc.device)
-    rows = (acc.gather(vec[None]) if acc.num_processes > 1 else vec[None]).cpu().tolist()
-    out = {"peak_rss_gb": max(r[0] for r in rows), "peak_rss_gb_per_rank": [r[0] for r in rows]}
-    if torch.cuda.is_available():
-        out["cuda_peak_allocated_gb"] = max(r[1] for r in rows)
-    return out
