@@ -36,11 +36,17 @@ def memory_stats() -> dict:
     return out
 
 
+_PEAK_RSS_GB = 0.0
+
+
 def peak_rss_gb() -> float:
-    """This process's peak resident set since it started: the kernel's high-water mark (KiB on Linux), which
-    Linux updates lazily, so never below the current RSS."""
+    """This process's peak resident set since it started: the kernel's high-water mark (KiB on Linux) and the
+    current RSS (the kernel's per-CPU RSS counters make the two lag each other slightly), as a running max."""
+    global _PEAK_RSS_GB
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return max(kib / (2**30 if sys.platform == "darwin" else 2**20), psutil.Process(os.getpid()).memory_info().rss / 2**30)
+    now = psutil.Process(os.getpid()).memory_info().rss / 2**30
+    _PEAK_RSS_GB = max(_PEAK_RSS_GB, kib / (2**30 if sys.platform == "darwin" else 2**20), now)
+    return _PEAK_RSS_GB
 
 
 def peak_memory_per_rank(acc) -> dict:
