@@ -66,7 +66,8 @@ def main() -> int:
         run_dir = out / f"seed{seed}"
         t0 = time.time()
         subprocess.run([py, "train.py", args.config, f"--seed={seed}", f"--output_dir={run_dir}", "--resume=never",
-                        f"--data.audit={audit}", "--tracking.progress=false", *args.overrides], cwd=ROOT, check=True)
+                        "--overwrite=true", f"--data.audit={audit}", "--tracking.progress=false", *args.overrides],
+                       cwd=ROOT, check=True)
         run = json.loads((run_dir / "run.json").read_text())
         run["wall_seconds"] = time.time() - t0
         runs.append(run)

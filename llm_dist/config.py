@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,9 @@ from typing import Any
 import yaml
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+MODEL_PRESETS = ("tiny", "mini", "small", "medium", "base", "large")  # models/build.py PRESETS
+METRICS_FOR_BEST = ("macro_f1", "accuracy", "balanced_accuracy", "loss")
+SPECIAL_TOKENS = 5  # [PAD] [UNK] [CLS] [SEP] [MASK] of a trained WordPiece
 
 
 class ConfigError(ValueError):
@@ -159,7 +164,10 @@ class RunConfig:
     eval_every: int = 0  # steps; 0: only at the end
     log_every: int = 10
     keep_checkpoints: int = 2
+    on_nonfinite: str = "stop"  # stop | skip: a non-finite loss / gradient norm (training/nonfinite.py)
+    max_nonfinite_skips: int = 3  # skip: consecutive skipped steps before the run stops
     resume: str = "auto"  # auto | never | PATH of a checkpoint dir
+    overwrite: bool = False  # replace the run already in output_dir (its records are removed after validation)
     batch_size: int = 32  # per device micro-batch
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (= the launcher's: accelerate config / --mixed_precision, else no) | no | bf16 | fp16
@@ -179,8 +187,10 @@ class RunConfig:
             "task": ("mlm", "classify"),
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "malloc_release": ("auto", "yes", "no"),
+            "on_nonfinite": ("stop", "skip"),
             "optim.scheduler": ("linear", "cosine", "constant_with_warmup", "constant", "wsd"),
             "tracking.report_to": ("wandb", "tensorboard", "none"),
+            "classify.metric_for_best": METRICS_FOR_BEST,
         }
         for key, allowed in choices.items():
             value = _get(self, key)
@@ -200,10 +210,67 @@ class RunConfig:
             raise ConfigError("config key 'max_steps': an MLM run needs max_steps >= 1 or max_tokens >= 1")
         if self.model.path is None and self.model.preset is None:
             raise ConfigError("config key 'model.preset': missing (or set model.path)")
+        if self.model.path is None and self.model.preset not in MODEL_PRESETS:
+            raise ConfigError(f"config key 'model.preset': unknown preset '{self.model.preset}' "
+                              f"(one of {', '.join(MODEL_PRESETS)})")
+        self._check_ranges()
         for i, src in enumerate(self.data.sources):
             if (src.name is None) == (src.path is None):
                 raise ConfigError(f"config key 'data.sources.{i}': give exactly one of 'name' or 'path'")
+            if src.format not in (None, "text", "json", "csv", "parquet"):
+                raise ConfigError(f"config key 'data.sources.{i}.format': {src.format!r} is not one of text, json, "
+                                  "csv, parquet")
         return self
+
+    def _check_ranges(self) -> None:
+        """Every numeric key within its meaningful range (a NaN or an infinity is never one)."""
+        def check(key: str, ok, want: str) -> None:
+            value = _get(self, key)
+            if value is None:
+                return
+            bad = isinstance(value, float) and not math.isfinite(value)
+            if bad or not ok(value):
+                raise ConfigError(f"config key '{key}': must be {want}, got {value}")
+
+        ge0, gt0, ge1 = (lambda v: v >= 0), (lambda v: v > 0), (lambda v: v >= 1)
+        unit = lambda v: 0 <= v <= 1  # noqa: E731
+        below1 = lambda v: 0 <= v < 1  # noqa: E731
+        for key in ("max_steps", "max_tokens", "save_every", "eval_every", "data.shuffle_buffer",
+                    "data.max_eval_batches", "data.num_workers", "tokenizer.train_documents", "classify.epochs",
+                    "classify.focal_gamma", "classify.logit_adjustment", "classify.posthoc_logit_adjustment",
+                    "classify.early_stopping_patience", "optim.weight_decay", "optim.warmup_steps",
+                    "optim.max_grad_norm", "tracking.peak_tflops"):
+            check(key, ge0, ">= 0")
+        for key in ("keep_checkpoints", "classify.peft.r", "classify.peft.init_r", "classify.peft.target_r"):
+            check(key, ge1, ">= 1")
+        check("seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)")
+        check("data.split_seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)")
+        check("optim.lr", gt0, "> 0")
+        check("optim.eps", gt0, "> 0")
+        check("classify.peft.alpha", gt0, "> 0")
+        for key in ("optim.warmup_ratio", "optim.decay_ratio", "mlm.mask_replace_prob", "mlm.random_replace_prob"):
+            check(key, unit, "in [0, 1]")
+        for key in ("data.eval_fraction", "classify.effective_beta", "classify.peft.dropout", "model.hidden_dropout",
+                    "model.attention_dropout"):
+            check(key, below1, "in [0, 1)")
+        check("tokenizer.vocab_size", lambda v: v > SPECIAL_TOKENS,
+              f"> {SPECIAL_TOKENS} (a trained tokenizer holds {SPECIAL_TOKENS} special tokens)")
+        if self.mlm.mask_replace_prob + self.mlm.random_replace_prob > 1:
+            raise ConfigError("config key 'mlm.random_replace_prob': mlm.mask_replace_prob + mlm.random_replace_prob "
+                              f"must be <= 1, got {self.mlm.mask_replace_prob + self.mlm.random_replace_prob}")
+        betas = self.optim.betas
+        if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"config key 'optim.betas': must be two numbers in [0, 1), got {betas}")
+        split = self.data.split
+        if not 1 <= len(split) <= 3 or not all(math.isfinite(f) and f >= 0 for f in split) or split[0] <= 0:
+            raise ConfigError("config key 'data.split': must be 1 to 3 fractions >= 0 (train, validation, test) "
+                              f"with train > 0, got {split}")
+        if self.classify.peft.target_r > self.classify.peft.init_r:
+            raise ConfigError(f"config key 'classify.peft.target_r': must be <= classify.peft.init_r "
+                              f"({self.classify.peft.init_r}), got {self.classify.peft.target_r}")
+        for i, src in enumerate(self.data.sources):
+            if not (math.isfinite(src.weight) and src.weight > 0):
+                raise ConfigError(f"config key 'data.sources.{i}.weight': must be > 0, got {src.weight}")
 
 
 def _get(obj: Any, dotted: str) -> Any:
@@ -291,8 +358,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node: Any = tree
     for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"config key '{'.'.join(parts[:i])}': not a section (cannot set '{dotted}')")
         if isinstance(node, list):
-            idx = int(part)
+            idx = int(part) if part.isdigit() else len(node)
             if idx >= len(node):
                 raise ConfigError(f"config key '{'.'.join(parts[:i + 1])}': index {idx} out of range")
             node = node[idx]
@@ -302,7 +371,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             nxt = node[part] = {}
         node = nxt
     last = parts[-1]
+    if not isinstance(node, (dict, list)):
+        raise ConfigError(f"config key '{'.'.join(parts[:-1])}': not a section (cannot set '{dotted}')")
     if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"config key '{dotted}': index {last} out of range")
         node[int(last)] = value
     else:
         node[last] = value
@@ -341,31 +414,92 @@ def _to_plain(value: Any) -> Any:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """YAML file (default: the embedded demo) + `--dotted.key=value` overrides → validated RunConfig."""
+    """YAML file (default: the embedded demo) + `--dotted.key=value` overrides → validated RunConfig.
+
+    An error about a key names where the key was set: `FILE:LINE:` for a key in the file (1-based),
+    `(from --KEY)` for an override, `FILE:` for a default."""
     path = Path(path) if path else DEFAULT_CONFIG
     try:
         text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not valid UTF-8"
+        raise ConfigError(f"{path}: cannot read config ({why})") from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        line = _yaml_error_line(e, text)
+        where = f":{line}" if line else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of keys")
+    lines = _key_lines(text)
     # Start from the defaults so overrides can reach into nested defaults (e.g. data.sources.0.weight).
     tree = _to_plain(RunConfig())
     _merge(tree, raw)
+    overridden: list[str] = []
     for key, value in parse_overrides(overrides or []):
         _check_key(key)
         _set_dotted(tree, key, value)
+        overridden.append(key)
     try:
-        cfg = build(RunConfig, tree)
+        return build(RunConfig, tree).validate()
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    return cfg.validate()
+        raise ConfigError(_locate(str(e), path, lines, overridden)) from None
+
+
+def _yaml_error_line(e: yaml.YAMLError, text: str) -> int | None:
+    """The 1-based line of a YAML error. The parser often notices a problem only at the next token — past
+    the end of the file for an unclosed bracket or quote — so a mark beyond the last line with content
+    points at what was left open (the error's context) or at that last line."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is None:
+        return None
+    filled = [i for i, line in enumerate(text.splitlines()) if line.strip()]
+    last = filled[-1] if filled else 0
+    line = mark.line
+    if line > last:
+        ctx = getattr(e, "context_mark", None)
+        line = ctx.line if ctx is not None and ctx.line <= last else last
+    return line + 1
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """dotted key → 1-based line where the YAML file sets it (list items by index: data.sources.0)."""
+    out: dict[str, int] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                out.setdefault(key, k.start_mark.line + 1)
+                walk(v, key + ".")
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                out.setdefault(f"{prefix}{i}", item.start_mark.line + 1)
+                walk(item, f"{prefix}{i}.")
+
+    try:
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), "")
+    except yaml.YAMLError:
+        pass
+    return out
+
+
+def _locate(message: str, path: Path, lines: dict[str, int], overridden: list[str]) -> str:
+    """Prefix a config error with where its key was set (see load_config)."""
+    m = re.search(r"config key '([^']+)'", message)
+    if m is None:
+        return f"{path}: {message}"
+    key = m.group(1)
+    for ov in reversed(overridden):  # the last override of a key wins
+        if ov == key or ov.startswith(key + ".") or key.startswith(ov + "."):
+            return f"{message} (from --{ov})"
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        line = lines.get(".".join(parts[:n]))
+        if line is not None:
+            return f"{path}:{line}: {message}"
+    return f"{path}: {message}"
 
 
 def _merge(base: dict, new: dict) -> None:
@@ -403,5 +537,13 @@ def to_dict(cfg: RunConfig) -> dict:
     return _to_plain(cfg)
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a record whole or not at all: a temp file beside it, then rename over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -140,13 +140,13 @@ def test_bad_input_is_one_line_exit_2(case, tmp_path, capsys, tokenizer_dir):
     expect = None
     if case == "no_label_column":
         bad = _write(tmp_path / "t2.jsonl", [{"text": r["text"], "topic": r["label"]} for r in GOOD])
-        args[0], expect = f"--data.train={bad}", f"{bad}: row 0: no label in column 'label'"
+        args[0], expect = f"--data.train={bad}", f"{bad}:1: no label in column 'label'"
     elif case == "unseen_test_label":
         bad = _write(tmp_path / "t3.jsonl", GOOD[:3] + [{"text": "new", "label": "zzz"}])
-        args[1], expect = f"--data.test={bad}", f"{bad}: row 3: label 'zzz' never seen in train"
+        args[1], expect = f"--data.test={bad}", f"{bad}:4: label 'zzz' never seen in train"
     elif case == "empty_text":
         bad = _write(tmp_path / "t4.jsonl", GOOD[:5] + [{"text": "  ", "label": "a"}] + GOOD)
-        args[0], expect = f"--data.train={bad}", f"{bad}: row 5: empty text in column 'text'"
+        args[0], expect = f"--data.train={bad}", f"{bad}:6: empty text in column 'text'"
     elif case == "not_utf8":
         bad = tmp_path / "t5.jsonl"
         bad.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')

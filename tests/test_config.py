@@ -55,7 +55,7 @@ def test_unknown_key_in_file_names_file(tmp_path):
     bad.write_text("task: mlm\noptim:\n  lrate: 0.1\n")
     with pytest.raises(ConfigError) as e:
         load_config(bad)
-    assert str(e.value) == f"{bad}: unknown config key 'optim.lrate' (did you mean 'optim.lr'?)"
+    assert str(e.value) == f"{bad}:3: unknown config key 'optim.lrate' (did you mean 'optim.lr'?)"  # FILE:LINE
 
 
 def test_yaml_no_stays_a_string():

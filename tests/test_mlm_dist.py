@@ -143,4 +143,4 @@ def test_bf16_and_token_budget(tmp_path, tokenizer_dir):
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]  # 1,024 tokens a step: 3 steps reach 3,000
     assert all(0 < r["loss"] < 20 for r in rows)
-    assert read_run(out)["final_step"] == 3
+    assert read_run(out)["final_step"] == 3 and read_run(out)["mixed_precision"] == "bf16"

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from ..config import RunConfig, SourceConfig
+from ..config import RunConfig, SourceConfig, write_text_atomic
 from .sources import DataError, load_table, source_table
 
 SPLITS = ("train", "validation", "test")
@@ -24,65 +24,110 @@ def _split_names(cfg: RunConfig) -> dict[str, str]:
     return {s: getattr(cfg.data, s) for s in SPLITS if getattr(cfg.data, s)}
 
 
-def _stratified(ds: datasets.Dataset, fractions: dict[str, float], seed: int) -> dict[str, datasets.Dataset]:
+def _stratified(ds: datasets.Dataset, fractions: dict[str, float], seed: int,
+                where: str) -> dict[str, datasets.Dataset]:
     """Cut `ds` into splits of the given fractions (summing to 1), stratified by label, seeded."""
     names = [s for s in SPLITS if fractions.get(s, 0) > 0]
     labels = np.array(list(ds["label"]))
     rest, left, out = np.arange(len(ds)), 1.0, {}
     for s in names[:-1]:
-        take, rest = train_test_split(rest, train_size=fractions[s] / left, random_state=seed, stratify=labels[rest])
+        try:
+            take, rest = train_test_split(rest, train_size=fractions[s] / left, random_state=seed,
+                                          stratify=labels[rest])
+        except ValueError as e:  # too few examples (of some class) for the fractions asked
+            why = str(e).splitlines()[0]
+            raise DataError(f"{where}: cannot cut a stratified {'/'.join(names)} split (config key 'data.split') "
+                            f"from {len(ds)} examples with {len(set(labels))} labels: {why}") from None
         out[s], left = take, left - fractions[s]
     out[names[-1]] = rest
     return {s: ds.select(sorted(v.tolist())) for s, v in out.items()}
 
 
-def load_splits(cfg: RunConfig, write_to: str | Path | None = None) -> dict[str, datasets.Dataset]:
+def load_splits(cfg: RunConfig, write_to: str | Path | None = None, *, pinned: str | Path | None = None,
+                min_train: int = 0, for_training: bool = False) -> dict[str, datasets.Dataset]:
     """train / validation / test as Datasets with columns id, text, [text_pair], label (label names).
 
     Files named in `data.train|validation|test` are used as given; a split that is missing is cut from
-    train (or from the first of `data.sources`) by a seeded stratified split. When `write_to` is given the
-    ids of each split are written there (`splits/train.txt` …); if that dir already holds a split (a
-    resumed run), those ids are reused."""
+    train (or from the first of `data.sources`) by a seeded stratified split. Everything is checked
+    before anything is written: validation/test labels are seen in train, train holds at least
+    `min_train` examples (one global batch) and, `for_training`, at least two classes and a validation or
+    test split exists (an audit reads any split). Split ids already written in `pinned` (default:
+    `write_to`; a resumed run) are reused; when `write_to` is given the ids of each split are then written
+    there (`splits/train.txt` …, atomically)."""
     d = cfg.data
     files = _split_names(cfg)
     if "train" in files:
-        given = {s: load_table(p, d.text_column, d.label_column, d.id_column, d.text_pair_column)
+        given = {s: _named(f"data.{s}", load_table, p, d.text_column, d.label_column, d.id_column,
+                           d.text_pair_column, with_where=True)
                  for s, p in files.items()}
+        train_where = files["train"]
     else:
         if not d.sources:
             raise DataError("config key 'data.train': no training data (set data.train or data.sources)")
         src: SourceConfig = d.sources[0]
-        table = source_table(src, d.label_column, d.text_pair_column)
+        table = _named("data.sources.0.path", source_table, src, d.label_column, d.text_pair_column)
         given = {"train": table}
+        train_where = src.path or f"data source '{src.name}'"
+    classes = sorted(set(given["train"]["label"]))
+    if for_training and len(classes) < 2:
+        raise DataError(f"{train_where}: column '{d.label_column}' has a single class ({classes[0]!r}): "
+                        "classification needs at least 2")
     missing = [s for s in SPLITS if s not in given]
     if missing:  # cut the missing splits from train, in the proportions of data.split
         frac = dict(zip(SPLITS, list(d.split) + [0.0] * (3 - len(d.split))))
         want = {s: frac[s] for s in ["train", *missing] if frac[s] > 0}
         total = sum(want.values())
         seed = cfg.seed if d.split_seed is None else d.split_seed
-        given.update(_stratified(given.pop("train"), {s: f / total for s, f in want.items()}, seed))
+        given.update(_stratified(given.pop("train"), {s: f / total for s, f in want.items()}, seed, train_where))
     splits = {s: given[s] for s in SPLITS if s in given}
-    if write_to is not None:
-        splits = _pin_splits(splits, Path(write_to))
+    if for_training and "validation" not in splits and "test" not in splits:
+        raise DataError(f"config key 'data.split': {d.split} leaves no validation or test split to evaluate on "
+                        "(give data.validation / data.test, or a split such as [0.8, 0.1, 0.1])")
+    pinned = write_to if pinned is None else pinned
+    if pinned is not None:
+        splits = _reuse_pinned(splits, Path(pinned))
     _check_labels(splits, files)
+    if len(splits["train"]) < min_train:
+        raise DataError(f"{train_where}: the train split has {len(splits['train'])} examples, fewer than one global "
+                        f"batch ({min_train} = batch_size × grad_accum × processes)")
+    splits = {s: ds.remove_columns("where") if "where" in ds.column_names else ds for s, ds in splits.items()}
+    if write_to is not None:
+        write_splits(splits, Path(write_to))
     return splits
 
 
-def _pin_splits(splits: dict, root: Path) -> dict:
-    """Write each split's ids (or reuse ids already written there, so a resumed run sees the same split)."""
-    root.mkdir(parents=True, exist_ok=True)
+def _named(key: str, fn, *args, **kwargs):
+    """`fn(...)`, with a missing data file reported under the config key that names it."""
+    try:
+        return fn(*args, **kwargs)
+    except DataError as e:
+        if str(e).endswith(": no data files found"):
+            raise DataError(f"config key '{key}': {e}") from None
+        raise
+
+
+def _reuse_pinned(splits: dict, root: Path) -> dict:
+    """Reuse the ids an earlier start of this run wrote (so a resumed run sees the same split); reads only."""
+    out = dict(splits)
     for s, ds in splits.items():
         f = root / f"{s}.txt"
-        if f.exists():
+        if f.is_file():
             want = f.read_text().split("\n")[:-1]
             pos = {i: k for k, i in enumerate(list(ds["id"]))}
             if all(w in pos for w in want) and len(want) == len(ds):
-                splits[s] = ds.select([pos[w] for w in want])
-                continue
-        tmp = f.with_suffix(".tmp")
-        tmp.write_text("".join(f"{i}\n" for i in ds["id"]))
-        tmp.replace(f)
-    return splits
+                out[s] = ds.select([pos[w] for w in want])
+    return out
+
+
+def write_splits(splits: dict, root: Path) -> None:
+    """Each split's ids, one a line, written atomically (a file that already holds them is left alone)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for s, ds in splits.items():
+        f = root / f"{s}.txt"
+        text = "".join(f"{i}\n" for i in ds["id"])
+        if f.is_file() and f.read_text() == text:
+            continue
+        write_text_atomic(f, text)
 
 
 def _check_labels(splits: dict, files: dict) -> None:
@@ -90,10 +135,12 @@ def _check_labels(splits: dict, files: dict) -> None:
     for s in ("validation", "test"):
         if s not in splits:
             continue
-        for i, lab in enumerate(splits[s]["label"]):
+        ds = splits[s]
+        wheres = ds["where"] if "where" in ds.column_names else None
+        for i, lab in enumerate(ds["label"]):
             if lab not in seen:
-                where = files.get(s, s)
-                raise DataError(f"{where}: row {i}: label '{lab}' never seen in train")
+                where = wheres[i] if wheres is not None else f"{files.get(s, s)}: row {i + 1}"
+                raise DataError(f"{where}: label '{lab}' never seen in train")
 
 
 def label_maps(train: datasets.Dataset) -> tuple[dict, dict]:

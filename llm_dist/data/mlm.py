@@ -95,8 +95,9 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.seq_len = data.seq_len
         self.buffer_size = 0 if eval_split else data.shuffle_buffer
         self.special_ids = set(tokenizer.all_special_ids)
-        self._state = {"epoch": 0, "stream": None, "pending": [], "pending_offsets": [], "buffer": [],
-                       "rng": random.Random(seed * 7919 + rank).getstate(), "documents": 0}
+        # pending_docs: [doc id, tokens of it still in `pending`] runs, so each sequence knows its documents
+        self._state = {"epoch": 0, "stream": None, "pending": [], "pending_offsets": [], "pending_docs": [],
+                       "buffer": [], "rng": random.Random(seed * 7919 + rank).getstate(), "documents": 0}
 
     # --- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -105,7 +106,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        self._state = dict(state)
+        self._state = {"pending_docs": [], **state}
 
     # --- iteration -----------------------------------------------------------------------------
     def _encode(self, texts: list[str]):
@@ -122,34 +123,44 @@ class PackedStream(torch.utils.data.IterableDataset):
                                  self.world_size * n_workers, self.data.eval_fraction, want_heldout=self.eval_split)
             if st["stream"] is not None:
                 ds.load_state_dict(st["stream"])
+            whole_epoch, read = st["stream"] is None, 0
             batch: list[str] = []
+            doc_ids: list[str] = []
             it = iter(ds)
             exhausted = False
             while not exhausted:
                 try:
                     ex = next(it)
                     batch.append(ex["text"])
+                    doc_ids.append(ex["id"])
                 except StopIteration:
                     exhausted = True
                 if batch and (len(batch) >= self.tokenize_batch or exhausted):
                     # the stream position now includes these documents; their tokens go to `pending`
                     # before anything is yielded, so a checkpoint never loses or repeats a document.
-                    for ids, offs in self._encode(batch):
+                    for (ids, offs), doc in zip(self._encode(batch), doc_ids):
                         st["pending"].extend(ids)
+                        st["pending_docs"].append([doc, len(ids)])
                         if self.with_offsets:
                             st["pending_offsets"].extend(offs)
                     st["documents"] += len(batch)
-                    batch = []
+                    read += len(batch)
+                    batch, doc_ids = [], []
                     st["stream"] = ds.state_dict()
                     while len(st["pending"]) >= L:
                         seq, st["pending"] = st["pending"][:L], st["pending"][L:]
-                        item = {"input_ids": seq}
+                        item = {"input_ids": seq, "doc_ids": _take_docs(st["pending_docs"], L)}
                         if self.with_offsets:
                             item["offset_mapping"] = st["pending_offsets"][:L]
                             st["pending_offsets"] = st["pending_offsets"][L:]
                         yield item
             # end of an epoch
             st["stream"] = None
+            if whole_epoch and read == 0 and not self.eval_split:
+                # without this an empty source (or an empty share of one) would spin here for ever
+                names = ", ".join(source_name(s) for s in self.sources)
+                raise DataError(f"data.sources ({names}): no documents for rank {self.rank} of {self.world_size} "
+                                f"in epoch {st['epoch']}")
             if self.eval_split:
                 return
             st["epoch"] += 1
@@ -176,10 +187,53 @@ class PackedStream(torch.utils.data.IterableDataset):
     def _finish(self, item: dict) -> dict:
         ids = item["input_ids"]
         out = {"input_ids": torch.tensor(ids, dtype=torch.long),
-               "special_tokens_mask": torch.tensor([i in self.special_ids for i in ids], dtype=torch.long)}
+               "special_tokens_mask": torch.tensor([i in self.special_ids for i in ids], dtype=torch.long),
+               "doc_ids": item.get("doc_ids", [])}
         if "offset_mapping" in item:
             out["offset_mapping"] = torch.tensor(item["offset_mapping"], dtype=torch.long)
         return out
+
+
+def _take_docs(runs: list[list], n: int) -> list[str]:
+    """Pop `n` tokens' worth of [doc id, tokens left] runs; the ids of the documents they belong to."""
+    out = []
+    while n > 0 and runs:
+        doc, left = runs[0]
+        out.append(doc)
+        used = min(n, left)
+        n -= used
+        if used == left:
+            runs.pop(0)
+        else:
+            runs[0] = [doc, left - used]
+    return out
+
+
+def source_name(src: SourceConfig) -> str:
+    return src.name or src.path or "?"
+
+
+def check_sources(sources: list[SourceConfig], rank: int, world_size: int, heldout_fraction: float,
+                  accelerator=None) -> None:
+    """Fail fast, before any slow work, on a source with no documents, or a rank whose share of the
+    training documents is empty (every rank checks its own share; the verdict is agreed over ranks so
+    they all stop with the same one-line error instead of one of them waiting for ever)."""
+    for i, src in enumerate(sources):
+        ds = stream_source(src)
+        excluded = excluded_ids(src)
+        if excluded:
+            ds = ds.filter(lambda ex, ids=excluded: ex["id"] not in ids)
+        if next(iter(ds), None) is None:
+            what = "after excluding evaluation ids " if excluded else ""
+            raise DataError(f"config key 'data.sources.{i}' ({source_name(src)}): no documents {what}".rstrip())
+    mine = next(iter(document_stream(sources, 0, 0, rank, world_size, heldout_fraction, False)), None)
+    empty = torch.tensor([float(mine is None)])
+    if accelerator is not None and world_size > 1:
+        empty = accelerator.reduce(empty.to(accelerator.device), reduction="sum").cpu()
+    if empty.item() > 0:
+        names = ", ".join(source_name(s) for s in sources)
+        raise DataError(f"data.sources ({names}): too few documents to give each of {world_size} ranks a share "
+                        f"(after holding out data.eval_fraction={heldout_fraction}); add data or use fewer ranks")
 
 
 def _tuple_state(state):
@@ -205,4 +259,5 @@ class MLMCollator:
         special = torch.stack([e["special_tokens_mask"] for e in examples])
         offsets = torch.stack([e["offset_mapping"] for e in examples]) if "offset_mapping" in examples[0] else None
         inputs, labels = self.inner.torch_mask_tokens(input_ids, special_tokens_mask=special, offset_mapping=offsets)
-        return {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs)}
+        return {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs),
+                "doc_ids": [e.get("doc_ids", []) for e in examples]}

@@ -6,7 +6,9 @@
 
 `stream_source` gives a `datasets.IterableDataset` (one shard per file, so `split_dataset_by_node`
 can hand whole files to ranks) of `{"id", "text"}`; `load_table` gives an in-memory `datasets.Dataset`
-for fine-tuning. Bad input raises `DataError` naming the file and row.
+for fine-tuning. Bad input raises `DataError` naming the file and line (`FILE:LINE`, 1-based; a CSV
+counts its header line) or, for formats without lines (JSON array, parquet, `save_to_disk`), `FILE: row N`
+(1-based).
 """
 from __future__ import annotations
 
@@ -83,10 +85,21 @@ def file_format(file: Path, fmt: str | None = None) -> str:
 def iter_file(file: Path, fmt: str | None, text_column: str, id_column: str | None,
               extra_columns: tuple[str, ...] = ()) -> Iterator[dict]:
     """Rows of one file as dicts with `id` and `text` (plus `extra_columns` when present)."""
+    for _, rec in iter_rows(file, fmt, text_column, id_column, extra_columns):
+        yield rec
+
+
+def iter_rows(file: Path, fmt: str | None, text_column: str, id_column: str | None,
+              extra_columns: tuple[str, ...] = ()) -> Iterator[tuple[str, dict]]:
+    """`(where, row)` for each row of one file: `where` is `FILE:LINE` (1-based; a CSV counts its header
+    line, so its first data row is line 2) for line-based formats, `FILE: row N` (1-based) for a JSON
+    array and parquet, which have no lines. Messages about a row name it so."""
     fmt = file_format(file, fmt)
     stem = file.stem
 
-    def row(i: int, rec: dict, where: str) -> dict:
+    def row(i: int, rec, where: str) -> tuple[str, dict]:
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a record of columns, got {type(rec).__name__}")
         if text_column not in rec:
             raise DataError(f"{where}: no column '{text_column}' (columns: {', '.join(map(str, rec))})")
         text = rec[text_column]
@@ -96,7 +109,7 @@ def iter_file(file: Path, fmt: str | None, text_column: str, id_column: str | No
         for col in extra_columns:
             if col in rec:
                 out[col] = rec[col]
-        return out
+        return where, out
 
     if fmt == "text":
         with open(file, "rb") as fh:
@@ -107,15 +120,22 @@ def iter_file(file: Path, fmt: str | None, text_column: str, id_column: str | No
                 except UnicodeDecodeError:
                     raise DataError(f"{file}:{lineno}: not valid UTF-8") from None
                 if line:
-                    yield {"id": f"{stem}:{n}", "text": line}
+                    yield f"{file}:{lineno}", {"id": f"{stem}:{n}", "text": line}
                     n += 1
     elif fmt == "json":
         with open(file, "rb") as fh:
             first = fh.read(1)
             fh.seek(0)
             if first == b"[":  # a JSON array of records
-                for i, rec in enumerate(json.load(fh)):
-                    yield row(i, rec, f"{file}:{i}")
+                data = fh.read()
+                try:
+                    records = json.loads(data.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise DataError(f"{file}:{_bad_utf8_line(file)}: not valid UTF-8") from None
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+                for i, rec in enumerate(records):
+                    yield row(i, rec, f"{file}: row {i + 1}")
                 return
             for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
@@ -128,23 +148,81 @@ def iter_file(file: Path, fmt: str | None, text_column: str, id_column: str | No
                     raise DataError(f"{file}:{lineno}: invalid JSON ({e.msg})") from None
                 yield row(lineno - 1, rec, f"{file}:{lineno}")
     elif fmt == "csv":
-        delim = "\t" if file.suffix == ".tsv" else ","
-        with open(file, newline="", encoding="utf-8", errors="strict") as fh:
-            try:
-                for i, rec in enumerate(csv.DictReader(fh, delimiter=delim)):
-                    yield row(i, rec, f"{file}:{i + 2}")
-            except UnicodeDecodeError:
-                raise DataError(f"{file}: not valid UTF-8") from None
+        yield from _csv_rows(file, row)
     elif fmt == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow as pa
 
         i = 0
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
-            for rec in batch.to_pylist():
-                yield row(i, rec, f"{file}: row {i}")
-                i += 1
+        pf = open_parquet(file)
+        try:
+            for batch in pf.iter_batches(batch_size=1024):
+                for rec in batch.to_pylist():
+                    yield row(i, rec, f"{file}: row {i + 1}")
+                    i += 1
+        except (pa.ArrowException, OSError) as e:  # truncated or corrupt past the footer
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise DataError(f"{file}: not a readable parquet file ({_first_line(e)})") from None
     else:
         raise DataError(f"{file}: unknown format '{fmt}'")
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def open_parquet(file: Path):
+    """A `pyarrow.parquet.ParquetFile` (reads the footer only); a file that is not parquet is a DataError."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise DataError(f"{file}: not a readable parquet file ({_first_line(e)})") from None
+
+
+def _bad_utf8_line(file: Path) -> int:
+    """The 1-based line of the first byte sequence that is not UTF-8 (only read on that error)."""
+    with open(file, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 1
+
+
+def _csv_rows(file: Path, row) -> Iterator[tuple[str, dict]]:
+    """CSV / TSV rows as records keyed by the header; a row with more or fewer fields than the header is
+    an error naming its line (a quoted field may span lines: the row's first line is named)."""
+    delim = "\t" if file.suffix == ".tsv" else ","
+    with open(file, newline="", encoding="utf-8", errors="strict") as fh:
+        reader = csv.reader(fh, delimiter=delim)
+        line = 0
+        try:
+            header = next(reader, None)
+            if header is None:
+                return
+            i = 0
+            while True:
+                line = reader.line_num + 1
+                fields = next(reader, None)
+                if fields is None:
+                    return
+                if not fields:  # a blank line
+                    continue
+                if len(fields) != len(header):
+                    more = "more" if len(fields) > len(header) else "fewer"
+                    raise DataError(f"{file}:{line}: {len(fields)} fields, {more} than the header's {len(header)}")
+                yield row(i, dict(zip(header, fields)), f"{file}:{line}")
+                i += 1
+        except UnicodeDecodeError:  # decoded ahead in blocks: find the line itself
+            raise DataError(f"{file}:{_bad_utf8_line(file)}: not valid UTF-8") from None
+        except csv.Error as e:
+            raise DataError(f"{file}:{reader.line_num}: invalid CSV ({e})") from None
 
 
 # ----------------------------------------------------------------------------- streaming (MLM)
@@ -194,25 +272,27 @@ def iter_texts(sources: list[SourceConfig], limit: int = 0) -> Iterator[str]:
 
 # ----------------------------------------------------------------------------- in memory (classify)
 def load_table(path: str, text_column: str, label_column: str | None, id_column: str | None,
-               text_pair_column: str | None = None) -> datasets.Dataset:
+               text_pair_column: str | None = None, with_where: bool = False) -> datasets.Dataset:
     """A local csv / jsonl / parquet file (or a `save_to_disk` dir) as a Dataset with columns
-    `id`, `text`, [`text_pair`], [`label`]; errors name the file, row and column."""
+    `id`, `text`, [`text_pair`], [`label`]; errors name the file, line (or row) and column. With
+    `with_where` a column `where` says where each row came from (`FILE:LINE` / `FILE: row N`)."""
     p = Path(path)
     if p.is_dir() and (p / "dataset_info.json").exists():
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # noqa: BLE001 - a damaged dataset dir: one line
+            raise DataError(f"{path}: cannot load the saved dataset ({type(e).__name__}: {_first_line(e)})") from None
         if isinstance(ds, datasets.DatasetDict):
             raise DataError(f"{path}: a DatasetDict; point data.train/validation/test at one split")
         rows = ds.to_list()
-        where = lambda i: f"{path}: row {i}"  # noqa: E731
+        wheres = [f"{path}: row {i + 1}" for i in range(len(rows))]
     else:
-        rows = []
-        extra = tuple(c for c in (label_column, text_pair_column) if c)
-        files = resolve_files(path)
-        for f in files:
-            rows.extend(iter_file(f, None, text_column, id_column, extra))
-        where = lambda i: f"{path}: row {i}"  # noqa: E731
-        if rows and not any(text_column in r or "text" in r for r in rows[:1]):
-            raise DataError(f"{path}: no column '{text_column}'")
+        rows, wheres = [], []
+        extra = tuple(c for c in (label_column, text_pair_column, id_column) if c)
+        for f in resolve_files(path):
+            for w, r in iter_rows(f, None, text_column, id_column, extra):
+                rows.append(r)
+                wheres.append(w)
     if not rows:
         raise DataError(f"{path}: empty dataset")
     out = {"id": [], "text": []}
@@ -220,25 +300,29 @@ def load_table(path: str, text_column: str, label_column: str | None, id_column:
         out["text_pair"] = []
     if label_column:
         out["label"] = []
-    for i, r in enumerate(rows):
+    for i, (r, where) in enumerate(zip(rows, wheres)):
         text = r.get("text", r.get(text_column))
         if text is None:
-            raise DataError(f"{where(i)}: no column '{text_column}'")
+            raise DataError(f"{where}: no column '{text_column}'")
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where(i)}: empty text in column '{text_column}'")
+            raise DataError(f"{where}: empty text in column '{text_column}'")
         # ids: the id column when named, else the row number (as `llm-dist audit --data` numbers rows)
-        out["id"].append(str(r.get(id_column, r.get("id"))) if id_column else str(i))
+        if id_column and r.get(id_column) is None:
+            raise DataError(f"{where}: no column '{id_column}' (the id column)")
+        out["id"].append(str(r[id_column]) if id_column else str(i))
         out["text"].append(text)
         if text_pair_column:
             if text_pair_column not in r:
-                raise DataError(f"{where(i)}: no column '{text_pair_column}'")
+                raise DataError(f"{where}: no column '{text_pair_column}'")
             out["text_pair"].append(str(r[text_pair_column]))
         if label_column:
             if label_column not in r or r[label_column] is None or str(r[label_column]) == "":
-                raise DataError(f"{where(i)}: no label in column '{label_column}'")
+                raise DataError(f"{where}: no label in column '{label_column}'")
             out["label"].append(str(r[label_column]))
     if len(set(out["id"])) != len(out["id"]):
         raise DataError(f"{path}: ids in column '{id_column or 'row number'}' are not unique")
+    if with_where:
+        out["where"] = wheres
     return datasets.Dataset.from_dict(out)
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, BertConfig, PreTrainedTokenizerFast
 
-from ..config import ModelConfig, RunConfig, TokenizerConfig
+from ..config import MODEL_PRESETS, ModelConfig, RunConfig, TokenizerConfig
 
 PRESETS = {  # hidden, layers, heads, intermediate
     "tiny": (128, 2, 2, 512),
@@ -22,6 +22,7 @@ PRESETS = {  # hidden, layers, heads, intermediate
     "base": (768, 12, 12, 3072),
     "large": (1024, 24, 16, 4096),
 }
+assert tuple(PRESETS) == MODEL_PRESETS  # config.py validates preset names without importing torch
 
 
 class ModelError(ValueError):
@@ -75,6 +76,7 @@ def get_tokenizer(cfg: RunConfig, accelerator, texts_fn) -> PreTrainedTokenizerF
         return load_tokenizer(cfg.model.path)
     out = Path(cfg.output_dir) / "tokenizer"
     if accelerator.is_main_process and not (out / "tokenizer.json").exists():
+        print(f"training a WordPiece tokenizer (vocab {tcfg.vocab_size}) on the training texts", flush=True)
         tok = train_wordpiece(texts_fn(tcfg.train_documents), tcfg.vocab_size, tcfg.lowercase)
         tmp = out.with_name("tokenizer.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -100,12 +102,36 @@ def preset_config(name: str, tokenizer, mcfg: ModelConfig, max_position: int = 5
 
 def check_model_dir(path: str) -> None:
     p = Path(path)
+    if not p.exists():
+        raise ModelError(f"config key 'model.path': {path}: model dir not found")
     if not (p / "config.json").exists():
         raise ModelError(f"{path}: not a model dir (no config.json)")
     weights = [f for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json",
                            "pytorch_model.bin.index.json") if (p / f).exists()]
     if not weights:
         raise ModelError(f"{path}: model dir has no weights (model.safetensors or pytorch_model.bin)")
+
+
+# models whose position ids start after the padding index (position embeddings hold pad_token_id + 1 more rows)
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer",
+                     "bart", "mbart")
+
+
+def max_positions(model_config) -> int | None:
+    """How many token positions a model config can embed (None: no learned limit)."""
+    n = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(n, int) or n <= 0:
+        return None
+    if getattr(model_config, "model_type", None) in _OFFSET_POSITIONS:
+        n -= (getattr(model_config, "pad_token_id", None) or 0) + 1
+    return n
+
+
+def check_positions(model_config, length: int, key: str, where: str) -> None:
+    limit = max_positions(model_config)
+    if limit is not None and length > limit:
+        raise ModelError(f"config key '{key}': {length} is more than the model's {limit} positions "
+                         f"({where}: max_position_embeddings)")
 
 
 def check_vocab(model_config, tokenizer, where: str) -> None:

@@ -15,10 +15,12 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classifica
                              f1_score)
 from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
 
-from ..config import RunConfig
-from ..data.classify import Collate, GlobalBatches, eval_order, label_maps, load_splits, steps_for, tokenize_split
+from ..config import RunConfig, write_text_atomic
+from ..data.classify import (Collate, GlobalBatches, eval_order, label_maps, load_splits, steps_for, tokenize_split,
+                             write_splits)
 from ..data.sources import DataError
 from ..models.build import (ModelError, apply_dropout, check_model_dir, check_vocab, get_tokenizer, preset_config)
+from ..training.signals import poll
 
 
 # ----------------------------------------------------------------------------- imbalance
@@ -89,11 +91,18 @@ def plot_confusion(cm: list[list[int]], names: list[str], path: Path, title: str
 class ClassifyTask:
     name = "classify"
 
-    def __init__(self, cfg: RunConfig, accelerator):
+    def __init__(self, cfg: RunConfig, accelerator, splits: dict | None = None):
+        """`splits`: the validated splits from the start-up checks (training/preflight.py); else loaded here."""
         self.cfg, self.acc = cfg, accelerator
         out = Path(cfg.output_dir)
         d, c = cfg.data, cfg.classify
-        self.splits = load_splits(cfg, write_to=out / "splits" if accelerator.is_main_process else None)
+        world = accelerator.num_processes
+        if splits is None:
+            splits = load_splits(cfg, pinned=out / "splits", min_train=cfg.batch_size * cfg.grad_accum * world,
+                                 for_training=True)
+        self.splits = splits
+        if accelerator.is_main_process:
+            write_splits(self.splits, out / "splits")
         accelerator.wait_for_everyone()
         self.label2id, self.id2label = label_maps(self.splits["train"])
         self.names = [self.id2label[i] for i in range(len(self.id2label))]
@@ -134,7 +143,7 @@ class ClassifyTask:
             except (OSError, ValueError) as e:
                 raise ModelError(f"{m.path}: cannot load the model ({str(e).splitlines()[0]})") from None
         else:
-            config: BertConfig = preset_config(m.preset, self.tokenizer, m)
+            config: BertConfig = preset_config(m.preset, self.tokenizer, m, max_position=max(512, cfg.data.max_length))
             for k, v in kw.items():
                 setattr(config, k, v)
             model = AutoModelForSequenceClassification.from_config(config, attn_implementation=m.attn_implementation)
@@ -185,6 +194,11 @@ class ClassifyTask:
     @staticmethod
     def count(batch: dict) -> int:
         return int(batch["labels"].numel())
+
+    def example_ids(self, batch: dict) -> list[str]:
+        """The stable ids of a training batch's examples (for reports: a non-finite step names them)."""
+        ids = self.data["train"]["ids"]
+        return [ids[i] for i in batch["idx"].tolist()]
 
     @staticmethod
     def tokens(batch: dict) -> int:
@@ -242,6 +256,7 @@ class ClassifyTask:
         model.eval()
         idx, gold, logits = [], [], []
         for batch in self._loader(split):
+            poll(self.acc)  # a preemption signal ends the evaluation on every rank at this batch
             with self.acc.autocast():
                 out = self._forward(model, batch).float()
             i, g, l = self.acc.gather_for_metrics((batch["idx"], batch["labels"], out))
@@ -338,17 +353,16 @@ class ClassifyTask:
         if self.acc.is_main_process:
             probs = torch.softmax(torch.tensor(self._adjusted(logits)), -1).numpy()
             ids = self.data["test"]["ids"]
-            with open(out / "predictions.jsonl", "w") as fh:
-                for k, i in enumerate(idx):
-                    fh.write(json.dumps({"id": ids[i], "gold": self.names[gold[k]], "predicted": self.names[pred[k]],
-                                         "probabilities": {n: round(float(p), 6) for n, p in zip(self.names, probs[k])}})
-                             + "\n")
+            write_text_atomic(out / "predictions.jsonl", "".join(
+                json.dumps({"id": ids[i], "gold": self.names[gold[k]], "predicted": self.names[pred[k]],
+                            "probabilities": {n: round(float(p), 6) for n, p in zip(self.names, probs[k])}}) + "\n"
+                for k, i in enumerate(idx)))
             text = self._report_text(m)
             if "clean" in m:
                 text += (f"\n\nclean subset (no train overlap, {m['clean']['examples']} of {m['examples']}):\n"
                          + self._report_text(m["clean"]))
-            (out / "test_report.txt").write_text(text + "\n")
-            (out / "test_metrics.json").write_text(json.dumps(m, indent=1))
+            write_text_atomic(out / "test_report.txt", text + "\n")
+            write_text_atomic(out / "test_metrics.json", json.dumps(m, indent=1))
             plot_confusion(m["confusion_matrix"], self.names, out / "confusion_matrix.png", "test confusion matrix")
             print(f"test report ({out}):\n{text}", flush=True)
         row = {f"test_{k}": v for k, v in result["test"].items()}

@@ -9,9 +9,10 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..config import RunConfig
-from ..data.mlm import MLMCollator, PackedStream
+from ..data.mlm import MLMCollator, PackedStream, check_sources
 from ..data.sources import iter_texts
 from ..models.build import build_mlm_model, flops_per_token, get_tokenizer
+from ..training.signals import poll
 
 
 class MLMTask:
@@ -20,6 +21,9 @@ class MLMTask:
 
     def __init__(self, cfg: RunConfig, accelerator):
         self.cfg, self.acc = cfg, accelerator
+        # an empty source (or rank share) is an error now, not a silent spin after tokenizer training
+        check_sources(cfg.data.sources, accelerator.process_index, accelerator.num_processes, cfg.data.eval_fraction,
+                      accelerator)
         self.tokenizer = get_tokenizer(cfg, accelerator, lambda n: iter_texts(cfg.data.sources, n))
         self.model = build_mlm_model(cfg, self.tokenizer)
         self.collator = MLMCollator(self.tokenizer, cfg.mlm)
@@ -67,6 +71,11 @@ class MLMTask:
         return int((batch["labels"] != -100).sum())
 
     @staticmethod
+    def example_ids(batch: dict) -> list[str]:
+        """The ids of the documents whose tokens a batch holds (a packed sequence spans several)."""
+        return [i for seq in batch.get("doc_ids", []) for i in seq]
+
+    @staticmethod
     def tokens(batch: dict) -> int:
         return batch["input_ids"].numel()
 
@@ -98,6 +107,7 @@ class MLMTask:
         # that has run out repeats its last batch with zero weight until all are done.
         it, last, world = iter(loader), None, self.acc.num_processes
         for i in range(self.cfg.data.max_eval_batches or 10**9):
+            poll(self.acc)  # a preemption signal ends the evaluation on every rank at this batch
             batch = next(it, None)
             if world > 1:
                 have = self.acc.reduce(torch.tensor([float(batch is not None)], device=self.acc.device), "sum")
@@ -108,7 +118,7 @@ class MLMTask:
             weight = 1.0 if batch is not None else 0.0
             batch = batch if batch is not None else (last if last is not None else self._empty_batch())
             last = batch
-            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            batch = {k: v.to(self.acc.device) for k, v in batch.items() if torch.is_tensor(v)}
             with self.acc.autocast():
                 loss_sum, n, correct = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
             totals += weight * torch.stack([loss_sum.double(), n.double(), correct.double()])

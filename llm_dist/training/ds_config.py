@@ -52,3 +52,21 @@ def resolve_device_autos(cfg: dict, cuda: bool) -> dict:
         if zero.get(key) == "auto":
             zero[key] = gpu if cuda else cpu
     return cfg
+
+
+def cpu_fp16_supported() -> bool:
+    """Whether this CPU has fp16 compute units (AVX512-FP16 / AMX-FP16) that oneDNN uses; DeepSpeed's CPU
+    accelerator refuses fp16 without them (AMD EPYC and older Intel parts lack them; bf16 always works)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(precision: str, deepspeed: bool, cuda: bool) -> None:
+    """A precision the hardware cannot run is a config error (one line), not DeepSpeed's traceback."""
+    if precision == "fp16" and deepspeed and not cuda and not cpu_fp16_supported():
+        raise ConfigError("config key 'mixed_precision': fp16 with DeepSpeed needs a CPU with fp16 units "
+                          "(AVX512-FP16 / AMX-FP16), which this one lacks; use bf16 or no")

@@ -22,14 +22,16 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DummyScheduler, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, RunConfig, save_config, to_dict
+from ..config import ConfigError, RunConfig, save_config, to_dict, write_text_atomic
 from ..tracking.meters import MetricsWriter, Throughput, memory_stats, peak_memory_per_rank, peak_tflops
-from .checkpoint import (Checkpointer, load_data_state, load_portable, load_portable_scheduler, load_trainer_state,
-                         resolve_resume)
-from .ds_config import load_ds_config, resolve_device_autos
+from .checkpoint import Checkpointer, load_data_state, load_portable, load_portable_scheduler, load_trainer_state
+from .ds_config import check_precision, load_ds_config, resolve_device_autos
 from .memory import configure_malloc
 from .optim import build_optimizer, build_scheduler, warmup_steps
-from .signals import StopSignal
+from .preflight import prepare_output_dir, preflight
+from .nonfinite import NonFinite, NonFiniteGuard, nonfinite_checked, params_finite, total_grad_norm
+from .nonfinite import report as nonfinite_report
+from .signals import Interrupted, StopSignal
 
 
 def build_accelerator(cfg: RunConfig) -> Accelerator:
@@ -54,6 +56,7 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
                        kwargs_handlers=handlers, deepspeed_plugin=ds_plugin,
                        gradient_accumulation_steps=cfg.grad_accum if ds_plugin else 1)
     if acc.state.deepspeed_plugin is not None:
+        check_precision(str(acc.mixed_precision), True, torch.cuda.is_available())
         # our loop feeds micro-batches itself (no prepared train dataloader), so fill the batch "auto"s here
         dsc = resolve_device_autos(acc.state.deepspeed_plugin.deepspeed_config, torch.cuda.is_available())
         dsc["train_micro_batch_size_per_gpu"] = cfg.batch_size
@@ -71,14 +74,14 @@ def build_accelerator(cfg: RunConfig) -> Accelerator:
     return acc
 
 
-def make_task(cfg: RunConfig, accelerator):
+def make_task(cfg: RunConfig, accelerator, checked=None):
     if cfg.task == "mlm":
         from ..tasks.mlm import MLMTask
 
         return MLMTask(cfg, accelerator)
     from ..tasks.classify import ClassifyTask
 
-    return ClassifyTask(cfg, accelerator)
+    return ClassifyTask(cfg, accelerator, splits=checked.splits if checked is not None else None)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -115,19 +118,26 @@ def train_step(model, task, micro_batches: list[dict], accelerator, world_size: 
     return glob[0].item(), glob[1].item(), glob[2].item(), loss_total, sums
 
 
-def run(cfg: RunConfig) -> dict:
-    stop = StopSignal()  # first, so a preemption signal during start-up is not lost
+def run(cfg: RunConfig, stop: StopSignal | None = None) -> dict:
+    """One run. `stop` is the CLI's signal handler, installed before the config was read (a new one
+    otherwise); start-up is an immediate phase: a signal raises `Interrupted` out of here."""
+    own = stop is None
+    stop = StopSignal() if own else stop
+    stop.enter("start-up", immediate=True)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     accelerator = build_accelerator(cfg)
     acc, main = accelerator, accelerator.is_main_process
     malloc_release = configure_malloc(cfg.malloc_release, _zero_stage(acc))  # before the model and data allocate
     world = acc.num_processes
+    checked = preflight(cfg, world)  # every cheap check, on every rank; nothing written yet
+    acc.wait_for_everyone()
+    prepare_output_dir(cfg, checked, main)  # --overwrite=true removes the old records; creates output_dir
+    acc.wait_for_everyone()
     set_seed(cfg.seed)
-    if main:
-        save_config(cfg, out / "config.yaml")
 
-    task = make_task(cfg, acc)
+    task = make_task(cfg, acc, checked)
+    if main:  # once the task (data, tokenizer, model) is built
+        save_config(cfg, out / "config.yaml")
     model = task.model.to(acc.device)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     numel = lambda p: getattr(p, "ds_numel", p.numel())  # noqa: E731 - ZeRO-3 builds partitioned params
@@ -140,7 +150,7 @@ def run(cfg: RunConfig) -> dict:
     optimizer = build_optimizer(model, cfg.optim, ds_config)
 
     state = {"step": 0, "tokens_seen": 0, "samples_seen": 0, "world_size": world, "zero_stage": _zero_stage(acc)}
-    resume_from = resolve_resume(cfg.resume, cfg.output_dir)
+    resume_from = checked.resume_from  # resolved and verified by preflight
     saved = load_trainer_state(resume_from) if resume_from is not None else None
     portable = saved is not None and (saved.get("world_size") != world or saved.get("zero_stage") != state["zero_stage"])
     if portable:  # another world size or ZeRO layout: consolidated weights, before the parallel set-up
@@ -152,11 +162,11 @@ def run(cfg: RunConfig) -> dict:
         model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     else:  # built on the prepared optimizer, so it also drives an optimizer that DeepSpeed created
         model, optimizer = acc.prepare(model, optimizer)
-        scheduler = build_scheduler(optimizer, cfg.optim, total_steps)
-        acc.register_for_checkpointing(scheduler)
+        scheduler = build_scheduler(optimizer, cfg.optim, total_steps)  # saved by the Checkpointer (JSON)
     if main and _is_ds(acc):  # every "auto" resolved: ours by device, accelerate's from the model at prepare
-        (out / "ds_config.json").write_text(json.dumps(acc.state.deepspeed_plugin.deepspeed_config, indent=1))
-    ckpt = Checkpointer(out / "checkpoints", acc, keep=cfg.keep_checkpoints)
+        write_text_atomic(out / "ds_config.json", json.dumps(acc.state.deepspeed_plugin.deepspeed_config, indent=1))
+    ckpt = Checkpointer(out / "checkpoints", acc, keep=cfg.keep_checkpoints, model=model, optimizer=optimizer,
+                        scheduler=scheduler, lineage=(saved or {}).get("lineage"))
     if portable:
         restored += load_portable_scheduler(resume_from, scheduler)
         if main:
@@ -172,7 +182,7 @@ def run(cfg: RunConfig) -> dict:
             data_state = load_data_state(resume_from, acc.process_index)
             if data_state is not None:
                 task.load_data_state(data_state)  # (re)creates the data iterator, which draws from the RNG…
-            acc.load_state(str(resume_from))  # …so the RNG states are restored after it
+            ckpt.load(resume_from)  # …so the RNG states are restored after it
         if main:
             print(f"resumed from {resume_from} at step {state['step']}")
 
@@ -185,16 +195,36 @@ def run(cfg: RunConfig) -> dict:
                desc=cfg.task, dynamic_ncols=True)
 
     def log(row: dict):
-        row = {**row, "step": state["step"]}
+        row = {"step": state["step"], **row}
         writer.write(row)
         if cfg.tracking.report_to != "none":
             acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=state["step"])
 
     model.train()
+    stop.enter("training")  # from here a signal is read at the next step boundary (every rank agrees)
     window = {"loss": 0.0, "count": 0.0, "sums": {}}
-    signalled = False
+    signalled, diverged = False, None
     best = None
+    guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_skips, nonfinite_checked(acc))
     t_start = time.time()
+
+    def save_checkpoint():
+        if not params_finite(model, acc):  # never write non-finite weights over good checkpoints
+            raise NonFinite("non-finite weights at save time")
+        ckpt.save(state["step"], _trainer_state(state, task, best), task.data_state())
+
+    def evaluate(phase: str):
+        """task.evaluate, leaving early on every rank when any rank is signalled (signals.poll)."""
+        nonlocal signalled
+        stop.enter(phase)
+        try:
+            return task.evaluate(model, state["step"])
+        except Interrupted:
+            signalled = True
+            return None
+        finally:
+            stop.enter("training")
+
     while state["step"] < total_steps:
         micro = []
         for _ in range(cfg.grad_accum):
@@ -210,11 +240,22 @@ def run(cfg: RunConfig) -> dict:
         elif cfg.optim.max_grad_norm > 0:
             grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
         else:
-            grad_norm = None
-        optimizer.step()
-        if hasattr(task, "after_optimizer_step"):
-            task.after_optimizer_step(acc.unwrap_model(model), state["step"])
-        scheduler.step()
+            grad_norm = total_grad_norm(model) if guard.active else None
+        # The gradients are already reduced over ranks, so their norm — and this decision — is the same on
+        # every rank: no extra collective. (DeepSpeed has stepped already: skipping is impossible there.)
+        action = guard.check(loss_local, grad_norm, acc, can_skip=not _is_ds(acc))
+        if action == "stop":
+            diverged = nonfinite_report(task, micro, acc, state["step"] + 1, loss_local, grad_norm, "stopped", guard)
+            optimizer.zero_grad(set_to_none=True)
+            break
+        if action == "skip":
+            nonfinite_report(task, micro, acc, state["step"] + 1, loss_local, grad_norm, "skipped the optimizer step",
+                             guard)
+        else:
+            optimizer.step()
+            if hasattr(task, "after_optimizer_step"):
+                task.after_optimizer_step(acc.unwrap_model(model), state["step"])
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state["step"] += 1
         state["tokens_seen"] += int(tokens)
@@ -239,6 +280,11 @@ def run(cfg: RunConfig) -> dict:
                    **task.log_row({k: vec[i + 1].item() for i, k in enumerate(keys)}, count), **memory_stats()}
             row["peak_rss_gb"] = peak_memory_per_rank(acc)["peak_rss_gb"]  # max over ranks (rss_gb: rank 0 now)
             row["batch_fingerprint"] = int(vec[1 + keys.index("batch_fingerprint")].item())
+            scale = _loss_scale(model, acc)
+            if scale is not None:
+                row["loss_scale"] = scale
+            if guard.skipped:
+                row["nonfinite_skips"] = guard.skipped
             log(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             window = {"loss": 0.0, "count": 0.0, "sums": {}}
@@ -247,13 +293,14 @@ def run(cfg: RunConfig) -> dict:
         if flag > 0:
             signalled = True
         if cfg.eval_every and state["step"] % cfg.eval_every == 0 and not done and not signalled:
-            metrics = task.evaluate(model, state["step"])
-            log(metrics)
-            best, stop_early = _track_best(task, model, metrics, best, state)
-            if stop_early:
-                done = True
+            metrics = evaluate("evaluation")
+            if metrics is not None:
+                log(metrics)
+                best, stop_early = _track_best(task, model, metrics, best, state)
+                if stop_early:
+                    done = True
         if signalled or (cfg.save_every and state["step"] % cfg.save_every == 0 and not done):
-            ckpt.save(state["step"], _trainer_state(state, task, best), task.data_state())
+            save_checkpoint()
         if signalled:
             if main:
                 print(f"checkpoint saved on signal at step {state['step']}", flush=True)
@@ -261,33 +308,54 @@ def run(cfg: RunConfig) -> dict:
         if done:
             break
     bar.close()
-    stop.restore()
 
     result = {"final_step": state["step"], "world_size": world, "num_machines": _num_machines(world),
               "distributed_type": acc.distributed_type.value, "zero_stage": state["zero_stage"],
               "mixed_precision": str(acc.mixed_precision),
               "tokens_seen": state["tokens_seen"], "signalled": signalled,
               "train_seconds": time.time() - t_start, "malloc_release": malloc_release, **params}
-    if not signalled:
-        metrics = task.evaluate(model, state["step"])
-        log(metrics)
-        best, _ = _track_best(task, model, metrics, best, state)
-        result["eval"] = metrics
-        if cfg.save_every:
-            ckpt.save(state["step"], _trainer_state(state, task, best), task.data_state())
-        if best is not None and getattr(task, "best_state", None) is not None and not _is_ds(acc):
-            acc.unwrap_model(model).load_state_dict(task.best_state)  # test and export the best model
-            result["best"] = best
-        export_final(task, model, acc, out / "final", best)
-        if hasattr(task, "final_report"):
-            report = task.final_report(model, out)
-            if report:
-                log(report.pop("_log_row"))
-                result.update(report)
+    if diverged is not None:  # nothing saved or exported from non-finite weights; the last good checkpoint stays
+        result["diverged"] = diverged
+        last = ckpt.complete()
+        diverged["last_good_checkpoint"] = str(last[-1]) if last else None
+        log({"event": "diverged", **diverged})
+    elif not signalled:
+        metrics = evaluate("final evaluation")
+        if metrics is None:  # signalled during the final evaluation: keep the finished step, end here
+            save_checkpoint()
+            if main:
+                print(f"checkpoint saved on signal at step {state['step']}", flush=True)
+        else:
+            log(metrics)
+            best, _ = _track_best(task, model, metrics, best, state)
+            result["eval"] = metrics
+            if cfg.save_every:
+                save_checkpoint()
+            if best is not None and getattr(task, "best_state", None) is not None and not _is_ds(acc):
+                acc.unwrap_model(model).load_state_dict(task.best_state)  # test and export the best model
+                result["best"] = best
+            stop.enter("export")
+            if not params_finite(model, acc):
+                raise NonFinite("non-finite weights at export")
+            export_final(task, model, acc, out / "final", best)
+            if hasattr(task, "final_report"):
+                stop.enter("final report")
+                try:
+                    report = task.final_report(model, out)
+                except Interrupted:
+                    report, signalled = None, True
+                if report:
+                    log(report.pop("_log_row"))
+                    result.update(report)
+        result["signalled"] = signalled
+    if own:
+        stop.restore()
     result["param_checksums"] = _param_checksums(model, acc)
     result["memory"] = peak_memory_per_rank(acc)  # each rank's peak over the whole run, export included
     if main:
-        (out / "run.json").write_text(json.dumps(result, indent=1, default=float))
+        tmp = out / "run.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1, default=float))
+        os.replace(tmp, out / "run.json")
     acc.wait_for_everyone()
     acc.end_training()
     return result
@@ -313,6 +381,19 @@ def _current_lr(model, scheduler) -> float:
     if hasattr(model, "get_lr"):  # a DeepSpeed engine
         return float(model.get_lr()[0])
     return float(scheduler.get_last_lr()[0])
+
+
+def _loss_scale(model, acc) -> float | None:
+    """The dynamic fp16 loss scale (DeepSpeed's or accelerate's GradScaler), when one is in use."""
+    if _is_ds(acc):
+        opt = getattr(model, "optimizer", None)
+        for name in ("cur_scale", "loss_scale"):
+            value = getattr(opt, name, None)
+            if isinstance(value, (int, float)) and str(acc.mixed_precision) == "fp16":
+                return float(value)
+        return None
+    scaler = getattr(acc, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else None
 
 
 def _zero_stage(acc) -> int | None:

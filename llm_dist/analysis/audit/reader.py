@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ...data.sources import DataError, iter_file, resolve_files
+from ...data.sources import DataError, iter_rows, resolve_files
 from .config import AuditError
 
 SPLIT_ORDER = ("train", "validation", "test")
@@ -45,8 +45,7 @@ class SplitSource:
             if by_file and not file_owned and not all_rows:
                 continue
             stem = str(file.resolve().relative_to(root).with_suffix("")) if root else None
-            for row, rec in enumerate(iter_file(file, None, self.text_column, None, extra)):
-                where = f"{file}: row {row}"
+            for row, (where, rec) in enumerate(iter_rows(file, None, self.text_column, None, extra)):
                 if self.id_column:
                     if self.id_column not in rec:
                         raise DataError(f"{where}: no column '{self.id_column}'")
@@ -77,7 +76,7 @@ class SplitSource:
                 owned = n % num_shards == shard
                 if owned or all_rows:
                     if not isinstance(text, str):
-                        raise DataError(f"{self.where}: row {n}: text is not a string ({type(text).__name__})")
+                        raise DataError(f"{self.where}: row {n + 1}: text is not a string ({type(text).__name__})")
                     yield (n, str(doc_id), text, None if label is None else str(label), owned)
                 n += 1
 
@@ -186,7 +185,8 @@ def _run_tokenizer(cfg, texts) -> tuple[str, str]:
     for key, cand in (("tokenizer.path", cfg.tokenizer.path), ("model.path", cfg.model.path)):
         if cand:
             if not Path(cand).is_dir():
-                raise AuditError(f"config key '{key}': {cand}: tokenizer dir not found")
+                what = "tokenizer" if key == "tokenizer.path" else "model"
+                raise AuditError(f"config key '{key}': {cand}: {what} dir not found")
             return cand, cand
     trained = Path(cfg.output_dir) / "tokenizer"
     if (trained / "tokenizer.json").exists():
