@@ -194,24 +194,44 @@ def test_text_pairs_and_save_to_disk(tmp_path, tokenizer_dir):
 
 class _Acc:
     distributed_type = type("T", (), {"value": "NO"})()
+    is_main_process = True
 
     @staticmethod
     def get_state_dict(model):
         return {"w": torch.tensor([float(model)])}
 
+    @staticmethod
+    def unwrap_model(model):
+        return model
 
-def test_best_model_and_early_stopping():
-    from llm_dist.tasks.classify import ClassifyTask
 
-    task = ClassifyTask.__new__(ClassifyTask)
-    task.cfg, task.acc, task.evals_without_improvement, task.best_state = RunConfig(task="classify"), _Acc(), 0, None
-    task.cfg.classify.early_stopping_patience = 2
-    best, stops = None, []
+class _Task:
+    @staticmethod
+    def metric_for_best():
+        return "eval_macro_f1", True
+
+    @staticmethod
+    def early_stopping_patience():
+        return 2
+
+
+def test_best_model_and_early_stopping(tmp_path):
+    """The BestModel callback keeps the best weights (in memory and on disk for resume) and stops after
+    `patience` evaluations without improvement; a new callback restored from its state has the same best."""
+    from llm_dist.training.callbacks import BestModel, Context
+
+    cb = BestModel(_Task(), _Acc(), tmp_path)
+    stops = []
     for step, f1 in enumerate([0.5, 0.7, 0.6, 0.65, 0.9]):
-        best, stop = task.track_best(step, {"eval_macro_f1": f1}, best, {"step": step})
-        stops.append(stop)
-        if stop:
+        ctx = Context(None, _Acc(), None, step, tmp_path, {"step": step})
+        cb.on_evaluate(ctx, {"eval_macro_f1": f1})
+        stops.append(ctx.should_stop)
+        if ctx.should_stop:
             break
-    assert best == {"value": 0.7, "step": 1, "metric": "eval_macro_f1"}
-    assert task.best_state["w"].item() == 1.0  # the weights of step 1 are kept
+    assert cb.best == {"value": 0.7, "step": 1, "metric": "eval_macro_f1"}
+    assert cb.weights["w"].item() == 1.0  # the weights of step 1 are kept
     assert stops == [False, False, False, True]  # two evals without improvement
+    assert (tmp_path / "best_model" / "step_00000001.safetensors").exists()
+    again = BestModel(_Task(), _Acc(), tmp_path)
+    again.load_state_dict(cb.state_dict())
+    assert again.best == cb.best and again.bad_evals == 2 and again.weights["w"].item() == 1.0
