@@ -68,6 +68,7 @@ class DataConfig:
     split_seed: int | None = None  # seed of the stratified split (default: the run's seed)
     max_length: int = 128
     group_by_length: bool = True
+    drop_last: bool = False  # drop each epoch's last partial global batch (default: keep every example)
     pad_to_max_length: bool = False  # the seed recipe's padding='max_length' (for comparison)
     audit: str | None = None  # audit.json: report test metrics on all and on the clean subset
     num_workers: int = 0

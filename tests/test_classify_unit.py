@@ -87,6 +87,52 @@ def test_resume_position_continues():
     assert all(np.array_equal(x, y) for x, y in zip(nxt, b.step_indices()))
 
 
+@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_sees_each_example_once(before, after, group):
+    """2 ranks × batch 8 → 1 rank (and back), mid-epoch: the examples seen over the epoch are exactly those
+    of an uninterrupted epoch, none twice (the position is examples consumed, not steps)."""
+    def ranks(world):
+        return [_batches(world, r, 1, group_by_length=group, resample=False)[0] for r in range(world)]
+
+    def step(gbs):
+        return [int(i) for gb in gbs for mb in gb.step_indices() for i in mb.tolist()]
+
+    first = ranks(before)
+    seen = []
+    for _ in range(7):
+        seen += step(first)
+    state = first[0].state_dict()
+    assert state["consumed"] == 7 * 8 * before
+    second = ranks(after)
+    for gb in second:
+        gb.load_state_dict(state)
+    while second[0].epoch == 0:
+        seen += step(second)
+    assert len(seen) == len(set(seen)) == 400
+
+
+def test_last_partial_batch_is_kept_unless_drop_last():
+    rng = np.random.default_rng(0)
+    lengths, labels = rng.integers(5, 50, 70).tolist(), [0, 1] * 35  # 70 = 4 global batches of 16 + 6
+    gbs = [GlobalBatches(lengths, labels, 16, 8, r, 2, seed=1, group_by_length=False, resample=False)
+           for r in range(2)]
+    assert gbs[0].steps_per_epoch == 5
+    seen, sizes = [], []
+    for _ in range(5):
+        mbs = [gb.step_indices()[0] for gb in gbs]
+        sizes.append([len(m) for m in mbs])
+        seen += [int(i) for m in mbs for i in m]
+    assert sorted(seen) == list(range(70)) and sizes[-1] == [6, 0]  # rank 1's last micro-batch is empty
+    from llm_dist.data.classify import Collate
+
+    pad = Collate({"input_ids": [[1, 2, 3]] * 70, "labels": labels}, pad_id=0)([])
+    assert pad["weight"].tolist() == [0.0] and pad["input_ids"].shape == (1, 3)  # one zero-weight example
+    dropped = GlobalBatches(lengths, labels, 16, 8, 0, 2, seed=1, group_by_length=False, resample=False,
+                            drop_last=True)
+    assert dropped.steps_per_epoch == 4
+
+
 def test_class_weights():
     counts = np.array([900, 100])
     inv = class_weights(counts, "inverse")

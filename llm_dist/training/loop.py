@@ -238,6 +238,8 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
             if save_every:
                 save_checkpoint()
             cbs.before_export(ctx, result)  # the best model replaces the last one (BestModel)
+            # before the export: saving a PEFT model merges the adapter into rank 0's live weights
+            result["param_checksums"] = _param_checksums(model, acc)
             stop.enter("export")
             if not params_finite(model, acc):
                 raise NonFinite("non-finite weights at export")
@@ -253,7 +255,8 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
         result["signalled"] = signalled
     if own:
         stop.restore()
-    result["param_checksums"] = _param_checksums(model, acc)
+    if "param_checksums" not in result:
+        result["param_checksums"] = _param_checksums(model, acc)
     result["memory"] = peak_memory_per_rank(acc)  # each rank's peak over the whole run, export included
     cbs.on_train_end(ctx, result)
     if main:

@@ -51,7 +51,7 @@ class ClassifyTask(Task):
         self.weights = class_weights(counts, c.class_weights, c.effective_beta)
         self.batches = GlobalBatches(train["lengths"], train["labels"], cfg.batch_size * cfg.grad_accum * world,
                                      cfg.batch_size, accelerator.process_index, world, cfg.seed,
-                                     d.group_by_length and not d.pad_to_max_length, c.resample)
+                                     d.group_by_length and not d.pad_to_max_length, c.resample, d.drop_last)
         self.model = build_classifier(cfg, self.tokenizer, self.id2label, self.total_steps)
         pad_to = d.max_length if d.pad_to_max_length else None
         self.collate = {s: Collate(self.data[s], self.tokenizer.pad_token_id, pad_to) for s in self.data}
@@ -86,15 +86,15 @@ class ClassifyTask(Task):
             self.batches.load_state_dict(saved["batches"])
 
     def count(self, batch: dict) -> int:
-        return int(batch["labels"].numel())
+        return int(batch["weight"].sum())  # padding examples (weight 0) at the end of an epoch do not count
 
     def example_ids(self, batch: dict) -> list[str]:
         """The stable ids of a training batch's examples (for reports: a non-finite step names them)."""
         ids = self.data["train"]["ids"]
-        return [ids[i] for i in batch["idx"].tolist()]
+        return [ids[i] for i, w in zip(batch["idx"].tolist(), batch["weight"].tolist()) if w > 0]
 
     def tokens(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum())
+        return int((batch["attention_mask"].sum(1) * batch["weight"]).sum())
 
     def _forward(self, model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -104,8 +104,8 @@ class ClassifyTask(Task):
         c = self.cfg.classify
         logits = self._forward(model, batch)
         losses = per_example_loss(logits, batch["labels"], self.weights, c.focal_gamma, self.log_prior,
-                                  c.logit_adjustment)
-        correct = (logits.argmax(-1) == batch["labels"]).sum()
+                                  c.logit_adjustment) * batch["weight"]
+        correct = ((logits.argmax(-1) == batch["labels"]).float() * batch["weight"]).sum()
         return LossOutput(losses.sum(), losses.detach(), logits.detach(), {"correct": correct.detach().float()})
 
     def after_optimizer_step(self, model, step: int) -> None:
