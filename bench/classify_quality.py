@@ -57,7 +57,7 @@ def main() -> int:
     from llm_dist.config import load_config
 
     audit_dir = out / "audit"
-    subprocess.run([py, "-m", "llm_dist.audit", args.config, f"--output_dir={audit_dir}", "--quiet"], cwd=ROOT, check=True)
+    subprocess.run([py, "-m", "llm_dist.analysis.audit", args.config, f"--output_dir={audit_dir}", "--quiet"], cwd=ROOT, check=True)
     audit = audit_dir / "audit.json"
     leaked = leaked_ids(str(audit), split="test")
 

@@ -173,39 +173,27 @@ def run_seed(args, train_texts: list[str], train_labels: list[str], max_length: 
 def run_llm_dist(args, max_length: int, output_dir: Path) -> dict:
     import llm_dist.training.loop as loop
     from llm_dist.config import load_config
+    from llm_dist.training.callbacks import Callback
 
     overrides = base_overrides(args, max_length, output_dir)
     cfg = load_config(CONFIG, overrides)
-    # Instrument, without changing what the loop does: note this process's CPU time at each meter read
-    # (one per train log row), and the padding of every train batch the task hands the loop.
+    # Instrument through a callback, without changing what the loop does: note this process's CPU time at
+    # each train log row (after the throughput meter read it), and the padding of every train micro-batch.
     marks: list[float] = []
     batches: list[tuple[int, int]] = []
-    meter_cls, make_task = loop.Throughput, loop.make_task
 
-    class CPUMarkedThroughput(meter_cls):
-        def read(self):
-            out = super().read()
-            marks.append(time.process_time())
-            return out
+    class Marks(Callback):
+        name = "bench_marks"
 
-    def counting_make_task(c, acc):
-        task = make_task(c, acc)
-        inner = task.next_batch
+        def on_step_end(self, ctx, out):
+            batches.extend((int(b["attention_mask"].sum()), int(b["attention_mask"].numel())) for b in out.batches)
 
-        def next_batch():
-            b = inner()
-            batches.append((int(b["attention_mask"].sum()), int(b["attention_mask"].numel())))
-            return b
+        def on_log(self, ctx, row):
+            if "tokens_per_s" in row:
+                marks.append(time.process_time())
 
-        task.next_batch = next_batch
-        return task
-
-    loop.Throughput, loop.make_task = CPUMarkedThroughput, counting_make_task
     t0 = time.perf_counter()
-    try:
-        result = loop.run(cfg)
-    finally:
-        loop.Throughput, loop.make_task = meter_cls, make_task
+    result = loop.run(cfg, callbacks=[Marks()])
     wall = time.perf_counter() - t0
     if result.get("signalled") or result.get("final_step") != args.steps:
         raise RuntimeError(f"the llm_dist run stopped at step {result.get('final_step')} of {args.steps}"

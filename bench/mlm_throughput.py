@@ -295,29 +295,23 @@ def _describe_optimizer(opt) -> str | None:
 
 # ----------------------------------------------------------------------------- llm_dist
 def run_llm_dist(args, tokenizer_dir: str, output_dir: Path, sparse: bool) -> dict:
+    from llm_dist.training.callbacks import Callback
     from llm_dist.training.loop import run
 
-    import llm_dist.training.loop as loop
-
     cfg, overrides = llm_dist_config(args, tokenizer_dir, output_dir, sparse)
-    # Also note this process's CPU time at each meter read (one per log row), by wrapping the loop's
-    # meter class for this run: on a shared machine, tokens per CPU-second is less skewed by other jobs.
+    # Also note this process's CPU time at each train log row (a callback, after the throughput meter
+    # read it): on a shared machine, tokens per CPU-second is less skewed by other jobs.
     marks: list[tuple] = []
-    meter_cls = getattr(loop, "Throughput", None)
-    if meter_cls is not None:
-        class CPUMarkedThroughput(meter_cls):
-            def read(self):
-                out = super().read()
-                marks.append(_mark())
-                return out
 
-        loop.Throughput = CPUMarkedThroughput
+    class Marks(Callback):
+        name = "bench_marks"
+
+        def on_log(self, ctx, row):
+            if "tokens_per_s" in row:
+                marks.append(_mark())
+
     t0 = time.perf_counter()
-    try:
-        result = run(cfg)
-    finally:
-        if meter_cls is not None:
-            loop.Throughput = meter_cls
+    result = run(cfg, callbacks=[Marks()])
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = [r for r in rows if r.get("tokens_per_s") is not None]

@@ -11,7 +11,7 @@ vocab given by `--tokenizer.path`), a few steps, no checkpoints:
 - `zero3_offload`: `configs/deepspeed/zero3_offload.json` (DeepSpeed CPU Adam; params and optimizer
            state "offloaded" — on a CPU-only machine that is the same host memory, so expect no saving)
 - `zero3_gpu_settings` (opt-in): zero3.json with the device "auto"s the trainer resolves
-           (llm_dist/training/ds_config.py) set to their GPU values — DeepSpeed's defaults, what the repo's
+           (llm_dist/training/accelerator.py) set to their GPU values — DeepSpeed's defaults, what the repo's
            zero3.json had before; `--extra NAME=JSON` adds any DeepSpeed JSON of yours.
 
 Every run uses the shipped configs: on CPU ranks the trainer resolves the ZeRO-3 "auto"s to lean values.
@@ -61,7 +61,7 @@ MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minil
 VARIANTS = {"ddp": None, "zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json",
             "zero3_offload": "configs/deepspeed/zero3_offload.json"}
 # `zero3_gpu_settings` (opt-in; written to the workdir): zero3.json with the device "auto"s set to their GPU
-# values (llm_dist/training/ds_config.py DEVICE_AUTO) — DeepSpeed's defaults: up to 1e9 gathered parameters
+# values (llm_dist/training/accelerator.py DEVICE_AUTO) — DeepSpeed's defaults: up to 1e9 gathered parameters
 # live (the whole model), overlapped communication, one optimizer sub-group (stage 3 then allocates a
 # gradient buffer of the *unpartitioned* group size). This is what the repo's zero3.json was before the
 # trainer resolved those settings by device, and what a GPU-tuned JSON gives on CPU ranks.
@@ -120,7 +120,7 @@ def _free_port() -> int:
 
 
 def gpu_settings_config(workdir: Path) -> str:
-    from llm_dist.training.ds_config import DEVICE_AUTO
+    from llm_dist.training.accelerator import DEVICE_AUTO
 
     cfg = json.loads((ROOT / "configs" / "deepspeed" / "zero3.json").read_text())
     cfg["zero_optimization"].update({k: gpu for k, (gpu, _cpu) in DEVICE_AUTO.items()})

@@ -68,6 +68,7 @@ class DataConfig:
     split_seed: int | None = None  # seed of the stratified split (default: the run's seed)
     max_length: int = 128
     group_by_length: bool = True
+    drop_last: bool = False  # drop each epoch's last partial global batch (default: keep every example)
     pad_to_max_length: bool = False  # the seed recipe's padding='max_length' (for comparison)
     audit: str | None = None  # audit.json: report test metrics on all and on the clean subset
     num_workers: int = 0
@@ -160,8 +161,8 @@ class RunConfig:
     seed: int = 42
     max_steps: int = 200  # optimizer steps (classify: 0 = use classify.epochs)
     max_tokens: int = 0  # stop after this many tokens (all ranks); 0: off
-    save_every: int = 0  # steps; 0: only at the end / on a signal
-    eval_every: int = 0  # steps; 0: only at the end
+    save_every: int | str = 0  # steps, or "epoch" (classify); 0: only at the end / on a signal
+    eval_every: int | str = 0  # steps, or "epoch" (classify); 0: only at the end
     log_every: int = 10
     keep_checkpoints: int = 2
     on_nonfinite: str = "stop"  # stop | skip: a non-finite loss / gradient norm (training/nonfinite.py)
@@ -183,8 +184,9 @@ class RunConfig:
     then: str | None = None  # a second config to run after this one (the demo: pretrain → classify)
 
     def validate(self) -> "RunConfig":
+        from .tasks.base import task_names
         choices = {
-            "task": ("mlm", "classify"),
+            "task": tuple(task_names()),
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "malloc_release": ("auto", "yes", "no"),
             "on_nonfinite": ("stop", "skip"),
@@ -200,7 +202,7 @@ class RunConfig:
             raise ConfigError(f"config key 'classify.class_weights': {self.classify.class_weights!r} is not one of inverse, effective")
         if self.classify.peft.method not in (None, "lora", "adalora"):
             raise ConfigError(f"config key 'classify.peft.method': {self.classify.peft.method!r} is not one of lora, adalora")
-        positive = ["batch_size", "grad_accum", "log_every", "data.seq_len", "data.max_length"]
+        positive = ["batch_size", "grad_accum", "log_every", "data.seq_len", "data.max_length", "max_nonfinite_skips"]
         for key in positive:
             if _get(self, key) < 1:
                 raise ConfigError(f"config key '{key}': must be >= 1, got {_get(self, key)}")
@@ -235,11 +237,17 @@ class RunConfig:
         ge0, gt0, ge1 = (lambda v: v >= 0), (lambda v: v > 0), (lambda v: v >= 1)
         unit = lambda v: 0 <= v <= 1  # noqa: E731
         below1 = lambda v: 0 <= v < 1  # noqa: E731
-        for key in ("max_steps", "max_tokens", "save_every", "eval_every", "data.shuffle_buffer",
+        for key in ("save_every", "eval_every"):
+            value = _get(self, key)
+            if isinstance(value, str) and (value != "epoch" or self.task == "mlm"):
+                raise ConfigError(f"config key '{key}': {value!r} is not a number of steps"
+                                  + (" or 'epoch'" if self.task != "mlm" else " (MLM streams have no epochs)"))
+        for key in [k for k in ("save_every", "eval_every") if not isinstance(_get(self, k), str)] + [
+                    "max_steps", "max_tokens", "data.shuffle_buffer",
                     "data.max_eval_batches", "data.num_workers", "tokenizer.train_documents", "classify.epochs",
                     "classify.focal_gamma", "classify.logit_adjustment", "classify.posthoc_logit_adjustment",
                     "classify.early_stopping_patience", "optim.weight_decay", "optim.warmup_steps",
-                    "optim.max_grad_norm", "tracking.peak_tflops"):
+                    "optim.max_grad_norm", "tracking.peak_tflops"]:
             check(key, ge0, ">= 0")
         for key in ("keep_checkpoints", "classify.peft.r", "classify.peft.init_r", "classify.peft.target_r"):
             check(key, ge1, ">= 1")

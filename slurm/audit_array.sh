@@ -31,7 +31,7 @@ set -euo pipefail
 
 audit() { # run the audit CLI from the repository (works without an installed console script)
     eval "$ENV_SETUP"
-    exec python -m llm_dist.audit "$@"
+    exec python -m llm_dist.analysis.audit "$@"
 }
 
 case ${AUDIT_STAGE:-submit} in
@@ -47,7 +47,7 @@ merge)
     ;;
 submit)
     [[ $# -gt 0 ]] || { echo "usage: slurm/audit_array.sh CONFIG.yaml | --data train=PATH [--data test=PATH] [...]" >&2; exit 2; }
-    [[ -f llm_dist/audit.py ]] || { echo "run from the repository root" >&2; exit 2; }
+    [[ -f llm_dist/analysis/audit/__main__.py ]] || { echo "run from the repository root" >&2; exit 2; }
     command -v sbatch >/dev/null || { echo "sbatch not found: not on a SLURM login node" >&2; exit 2; }
     mkdir -p "$LOG_DIR" "$PARTS_DIR"
     common=(--chdir "$PWD" --time "$TIME")

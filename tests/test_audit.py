@@ -230,7 +230,7 @@ def test_sharded_equals_unsharded(planted, tmp_path, audited):
 
 
 def test_slurm_script_stages(planted, tmp_path, audited):
-    """slurm/audit_array.sh's shard and merge stages (`python -m llm_dist.audit`), run as SLURM would run
+    """slurm/audit_array.sh's shard and merge stages (`python -m llm_dist.analysis.audit`), run as SLURM would run
     them (array task ids); with a validation split instead of test."""
     d, _ = planted
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "SHARDS": "2", "PARTS_DIR": str(tmp_path / "parts"),

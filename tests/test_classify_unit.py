@@ -87,6 +87,52 @@ def test_resume_position_continues():
     assert all(np.array_equal(x, y) for x, y in zip(nxt, b.step_indices()))
 
 
+@pytest.mark.parametrize("group", [False, True])
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_sees_each_example_once(before, after, group):
+    """2 ranks × batch 8 → 1 rank (and back), mid-epoch: the examples seen over the epoch are exactly those
+    of an uninterrupted epoch, none twice (the position is examples consumed, not steps)."""
+    def ranks(world):
+        return [_batches(world, r, 1, group_by_length=group, resample=False)[0] for r in range(world)]
+
+    def step(gbs):
+        return [int(i) for gb in gbs for mb in gb.step_indices() for i in mb.tolist()]
+
+    first = ranks(before)
+    seen = []
+    for _ in range(7):
+        seen += step(first)
+    state = first[0].state_dict()
+    assert state["consumed"] == 7 * 8 * before
+    second = ranks(after)
+    for gb in second:
+        gb.load_state_dict(state)
+    while second[0].epoch == 0:
+        seen += step(second)
+    assert len(seen) == len(set(seen)) == 400
+
+
+def test_last_partial_batch_is_kept_unless_drop_last():
+    rng = np.random.default_rng(0)
+    lengths, labels = rng.integers(5, 50, 70).tolist(), [0, 1] * 35  # 70 = 4 global batches of 16 + 6
+    gbs = [GlobalBatches(lengths, labels, 16, 8, r, 2, seed=1, group_by_length=False, resample=False)
+           for r in range(2)]
+    assert gbs[0].steps_per_epoch == 5
+    seen, sizes = [], []
+    for _ in range(5):
+        mbs = [gb.step_indices()[0] for gb in gbs]
+        sizes.append([len(m) for m in mbs])
+        seen += [int(i) for m in mbs for i in m]
+    assert sorted(seen) == list(range(70)) and sizes[-1] == [6, 0]  # rank 1's last micro-batch is empty
+    from llm_dist.data.classify import Collate
+
+    pad = Collate({"input_ids": [[1, 2, 3]] * 70, "labels": labels}, pad_id=0)([])
+    assert pad["weight"].tolist() == [0.0] and pad["input_ids"].shape == (1, 3)  # one zero-weight example
+    dropped = GlobalBatches(lengths, labels, 16, 8, 0, 2, seed=1, group_by_length=False, resample=False,
+                            drop_last=True)
+    assert dropped.steps_per_epoch == 4
+
+
 def test_class_weights():
     counts = np.array([900, 100])
     inv = class_weights(counts, "inverse")
@@ -194,24 +240,44 @@ def test_text_pairs_and_save_to_disk(tmp_path, tokenizer_dir):
 
 class _Acc:
     distributed_type = type("T", (), {"value": "NO"})()
+    is_main_process = True
 
     @staticmethod
     def get_state_dict(model):
         return {"w": torch.tensor([float(model)])}
 
+    @staticmethod
+    def unwrap_model(model):
+        return model
 
-def test_best_model_and_early_stopping():
-    from llm_dist.tasks.classify import ClassifyTask
 
-    task = ClassifyTask.__new__(ClassifyTask)
-    task.cfg, task.acc, task.evals_without_improvement, task.best_state = RunConfig(task="classify"), _Acc(), 0, None
-    task.cfg.classify.early_stopping_patience = 2
-    best, stops = None, []
+class _Task:
+    @staticmethod
+    def metric_for_best():
+        return "eval_macro_f1", True
+
+    @staticmethod
+    def early_stopping_patience():
+        return 2
+
+
+def test_best_model_and_early_stopping(tmp_path):
+    """The BestModel callback keeps the best weights (in memory and on disk for resume) and stops after
+    `patience` evaluations without improvement; a new callback restored from its state has the same best."""
+    from llm_dist.training.callbacks import BestModel, Context
+
+    cb = BestModel(_Task(), _Acc(), tmp_path)
+    stops = []
     for step, f1 in enumerate([0.5, 0.7, 0.6, 0.65, 0.9]):
-        best, stop = task.track_best(step, {"eval_macro_f1": f1}, best, {"step": step})
-        stops.append(stop)
-        if stop:
+        ctx = Context(None, _Acc(), None, step, tmp_path, {"step": step})
+        cb.on_evaluate(ctx, {"eval_macro_f1": f1})
+        stops.append(ctx.should_stop)
+        if ctx.should_stop:
             break
-    assert best == {"value": 0.7, "step": 1, "metric": "eval_macro_f1"}
-    assert task.best_state["w"].item() == 1.0  # the weights of step 1 are kept
+    assert cb.best == {"value": 0.7, "step": 1, "metric": "eval_macro_f1"}
+    assert cb.weights["w"].item() == 1.0  # the weights of step 1 are kept
     assert stops == [False, False, False, True]  # two evals without improvement
+    assert (tmp_path / "best_model" / "step_00000001.safetensors").exists()
+    again = BestModel(_Task(), _Acc(), tmp_path)
+    again.load_state_dict(cb.state_dict())
+    assert again.best == cb.best and again.bad_evals == 2 and again.weights["w"].item() == 1.0

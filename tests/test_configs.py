@@ -39,7 +39,7 @@ def test_deepspeed_configs_use_auto(path):
 @pytest.mark.parametrize("cuda", [False, True])
 def test_deepspeed_device_autos_resolve(path, cuda):
     """The trainer resolves the device-dependent "auto"s: GPU defaults with CUDA, lean ZeRO-3 settings on CPU."""
-    from llm_dist.training.ds_config import DEVICE_AUTO, load_ds_config
+    from llm_dist.training.accelerator import DEVICE_AUTO, load_ds_config
 
     zero = load_ds_config(str(path), cuda=cuda)["zero_optimization"]
     raw = json.loads(path.read_text())["zero_optimization"]
@@ -54,7 +54,7 @@ def test_deepspeed_device_autos_resolve(path, cuda):
 
 def test_deepspeed_config_errors_name_the_file_and_line(tmp_path):
     from llm_dist.config import ConfigError
-    from llm_dist.training.ds_config import load_ds_config
+    from llm_dist.training.accelerator import load_ds_config
 
     bad = tmp_path / "ds.json"
     bad.write_text('{\n  "zero_optimization": {\n    "stage": 3,\n  }\n}\n')

@@ -122,7 +122,7 @@ def test_fp16_loss_scaling(tmp_path, tokenizer_dir):
     """fp16 with DeepSpeed's dynamic loss scaling (ZeRO-2), briefly, where the CPU has fp16 units; where it
     has none (AMD EPYC, older Intel), the run must refuse with a one-line config error instead of
     DeepSpeed's traceback — so this test asserts something real on every machine."""
-    from llm_dist.training.ds_config import cpu_fp16_supported
+    from llm_dist.training.accelerator import cpu_fp16_supported
 
     out = tmp_path / "fp16"
     args = [f"--output_dir={out}", ds("zero2"), f"--tokenizer.path={tokenizer_dir}", "--max_steps=4",

@@ -157,10 +157,12 @@ def test_skip_drops_only_the_bad_step(tmp_path, tokenizer_dir, capsys, monkeypat
 
     def loss(self, model, batch):
         calls["n"] += 1
-        value, metrics = real(self, model, batch)
+        out = real(self, model, batch)
         if calls["n"] in (3, 4):  # the weights step 3 starts from, and those after it (skipped)
             snap[calls["n"]] = {k: v.detach().clone() for k, v in model.named_parameters()}
-        return (value * float("nan") if calls["n"] == 3 else value), metrics
+        if calls["n"] == 3:
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
 
     monkeypatch.setattr(MLMTask, "loss", loss)
     out = tmp_path / "run"
@@ -185,7 +187,12 @@ def test_skip_limit_then_stops(tmp_path, tokenizer_dir, capsys, monkeypatch):
     from llm_dist.tasks.mlm import MLMTask
 
     real = MLMTask.loss
-    monkeypatch.setattr(MLMTask, "loss", lambda self, m, b: (real(self, m, b)[0] * float("inf"), {}))
+    def loss(self, model, batch):
+        out = real(self, model, batch)
+        out.loss_sum = out.loss_sum * float("inf")
+        return out
+
+    monkeypatch.setattr(MLMTask, "loss", loss)
     out = tmp_path / "run"
     code, _, err = cli([TINY, "--max_steps=10", "--on_nonfinite=skip", "--max_nonfinite_skips=2", "--save_every=1",
                         f"--output_dir={out}", f"--tokenizer.path={tokenizer_dir}", "--tracking.progress=false"],

@@ -159,23 +159,38 @@ def tokenize_split(ds: datasets.Dataset, tokenizer, label2id: dict, max_length: 
 
 
 class GlobalBatches:
-    """The order of training examples, independent of the world size.
+    """The order of training examples, independent of the world size and of gradient accumulation.
 
-    Each optimizer step consumes one *global* batch of `batch_size × grad_accum × world_size` examples,
-    drawn from a seeded per-epoch permutation (or class-balanced resampling with replacement), optionally
-    grouped by length (sort within mega-batches, shuffle the batches). Rank r's micro-batch i of a step is
-    slice `(i × world + r)` of that global batch, so 2 ranks × accum 1 and 1 rank × accum 2 see the same
-    examples in the same step. The position (epoch, step in epoch) is the whole resume state."""
+    Each epoch has one *global order* of the training examples: a seeded permutation (or class-balanced
+    resampling with replacement), optionally grouped by length — sorted inside mega-chunks of 16
+    micro-batches, cut into micro-batches, those shuffled (as HF's LengthGroupedSampler does; small chunks,
+    since length correlates with the label). None of it depends on the world size or `grad_accum`, only on
+    the seed, the epoch, `batch_size` and the switches. Each optimizer step consumes the next
+    `batch_size × grad_accum × world_size` examples of that order (its *global batch*); rank r's
+    micro-batch i is slice `(i × world + r)`, each micro-batch one length group. (Ranks then hold
+    different lengths in a step; but a DDP step waits for its longest micro-batch either way, and mixing
+    lengths across micro-batches would pad every one of them to it.) The position is
+    (epoch, examples consumed in the epoch), so a run resumed on another world size continues right after
+    the last consumed example: over an epoch every example is seen exactly once, none twice.
+
+    The last global batch of an epoch may be partial (`drop_last: false`, the default, as the article's
+    loop): its examples are spread over the micro-batches in order, and a micro-batch left with none is
+    an empty index array (`Collate` turns it into one zero-weight padding example, so every rank still
+    runs its forward/backward)."""
+
+    MEGA = 16  # micro-batches per length-sorted mega-chunk (small: length correlates with the label)
 
     def __init__(self, lengths: list[int], labels: list[int], global_batch: int, micro: int, rank: int,
-                 world: int, seed: int, group_by_length: bool, resample: bool):
+                 world: int, seed: int, group_by_length: bool, resample: bool, drop_last: bool = False):
         self.lengths, self.labels = np.asarray(lengths), np.asarray(labels)
         self.G, self.micro, self.rank, self.world, self.seed = global_batch, micro, rank, world, seed
-        self.group, self.resample = group_by_length, resample
+        self.group, self.resample, self.drop_last = group_by_length, resample, drop_last
         if len(lengths) < global_batch:
             raise DataError(f"the train split has {len(lengths)} examples, fewer than one global batch ({global_batch})")
-        self.steps_per_epoch = len(lengths) // global_batch
-        self.epoch, self.step_in_epoch = 0, 0
+        n = len(lengths)
+        self.epoch_len = (n // global_batch) * global_batch if drop_last else n
+        self.steps_per_epoch = math.ceil(self.epoch_len / global_batch)
+        self.epoch, self.consumed = 0, 0
         self._order = None
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -187,35 +202,33 @@ class GlobalBatches:
             order = rng.choice(n, size=n, replace=True, p=w / w.sum())
         else:
             order = rng.permutation(n)
-        order = order[: self.steps_per_epoch * self.G]
         if self.group:
-            mega = self.G * 16
+            mega = self.micro * self.MEGA
             chunks = [order[i:i + mega] for i in range(0, len(order), mega)]
-            chunks = [c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks]
-            batches = np.concatenate(chunks).reshape(self.steps_per_epoch, self.G)
-            batches = batches[rng.permutation(self.steps_per_epoch)]
-            # shuffle inside each global batch so ranks / micro-batches get similar lengths
-            order = np.stack([b[rng.permutation(self.G)] for b in batches]).reshape(-1)
-        return order
+            order = np.concatenate([c[np.argsort(-self.lengths[c], kind="stable")] for c in chunks])
+            groups = [order[i:i + self.micro] for i in range(0, len(order), self.micro)]
+            order = np.concatenate([groups[i] for i in rng.permutation(len(groups))])
+        return order[: self.epoch_len]
 
     def step_indices(self) -> list[np.ndarray]:
-        """This rank's micro-batches for the next optimizer step; advances the position."""
+        """This rank's micro-batches for the next optimizer step (some possibly empty at the end of an
+        epoch); advances the position."""
         if self._order is None:
             self._order = self.epoch_order(self.epoch)
-        g = self._order[self.step_in_epoch * self.G:(self.step_in_epoch + 1) * self.G]
+        g = self._order[self.consumed:self.consumed + self.G]
         accum = self.G // (self.micro * self.world)
         out = [g[(i * self.world + self.rank) * self.micro:(i * self.world + self.rank + 1) * self.micro]
                for i in range(accum)]
-        self.step_in_epoch += 1
-        if self.step_in_epoch >= self.steps_per_epoch:
-            self.epoch, self.step_in_epoch, self._order = self.epoch + 1, 0, None
+        self.consumed += len(g)
+        if self.consumed >= self.epoch_len:
+            self.epoch, self.consumed, self._order = self.epoch + 1, 0, None
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        return {"epoch": self.epoch, "consumed": self.consumed}
 
     def load_state_dict(self, st: dict) -> None:
-        self.epoch, self.step_in_epoch, self._order = st["epoch"], st["step_in_epoch"], None
+        self.epoch, self.consumed, self._order = st["epoch"], st["consumed"], None
 
 
 class Collate:
@@ -225,7 +238,12 @@ class Collate:
         self.split, self.pad_id, self.pad_to = split, pad_id, pad_to
 
     def __call__(self, indices) -> dict:
+        """A batch of `indices` with `weight` 1 each; an empty list gives one padding example of weight 0
+        (a rank whose micro-batch the end of an epoch left empty still runs forward/backward with it)."""
         indices = [int(i) for i in indices]
+        weight = [1.0] * len(indices)
+        if not indices:
+            indices, weight = [0], [0.0]
         seqs = [self.split["input_ids"][i] for i in indices]
         L = self.pad_to or max(len(s) for s in seqs)
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
@@ -239,7 +257,7 @@ class Collate:
                 types[r, :len(s)] = torch.tensor(tt[i])
         return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types,
                 "labels": torch.tensor([self.split["labels"][i] for i in indices]),
-                "idx": torch.tensor(indices)}
+                "idx": torch.tensor(indices), "weight": torch.tensor(weight)}
 
 
 def eval_order(lengths: list[int]) -> list[int]:

@@ -2,7 +2,6 @@
 and the sparse MLM head (the vocabulary projection runs only on masked positions)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -166,7 +165,9 @@ class SparseMLM(nn.Module):
     def head(self):  # not a registered submodule: the parameters stay under `hf.` only
         return getattr(self.hf, "cls", None) or getattr(self.hf, "lm_head", None)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, per_example: bool = False):
+        """(summed loss over masked tokens, masked-token count, correct predictions)[, each sequence's summed
+        loss when `per_example` — a scatter-add on the device, no extra pass]."""
         sel = labels != -100
         if self.sparse:
             base = self.hf.base_model
@@ -180,9 +181,14 @@ class SparseMLM(nn.Module):
             logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
             target = labels[sel]
             logits = logits[sel]
-        loss_sum = F.cross_entropy(logits.float(), target, reduction="sum")
+        token_loss = F.cross_entropy(logits.float(), target, reduction="none")
         correct = (logits.argmax(-1) == target).sum()
-        return loss_sum, sel.sum(), correct
+        if not per_example:
+            return token_loss.sum(), sel.sum(), correct
+        rows = sel.nonzero(as_tuple=True)[0]
+        per_seq = torch.zeros(labels.shape[0], dtype=token_loss.dtype, device=token_loss.device)
+        per_seq.index_add_(0, rows, token_loss.detach())
+        return token_loss.sum(), sel.sum(), correct, per_seq
 
 
 def build_mlm_model(cfg: RunConfig, tokenizer) -> SparseMLM:
@@ -198,21 +204,14 @@ def build_mlm_model(cfg: RunConfig, tokenizer) -> SparseMLM:
     return SparseMLM(hf, sparse=cfg.mlm.sparse_prediction)
 
 
-def count_params(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def flops_per_token(config, seq_len: int, masked_fraction: float = 1.0, sparse: bool = False) -> float:
+def flops_per_token(config, seq_len: int, masked_fraction: float = 1.0, sparse: bool = False,
+                    head_params: int | None = None) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward, 2 FLOPs per MAC), counting the
-    encoder's matmuls, attention scores over `seq_len`, and the vocabulary head (on the masked fraction
-    only when `sparse`)."""
+    encoder's matmuls, attention scores over `seq_len`, and the head: the MLM vocabulary head by default
+    (on the masked fraction only when `sparse`), or `head_params` weights per token (classification)."""
     h, L = config.hidden_size, config.num_hidden_layers
     inter = getattr(config, "intermediate_size", 4 * h)
     per_layer = 4 * h * h + 2 * h * inter + 2 * seq_len * h  # qkv+o, mlp, scores+values
-    head = h * h + h * config.vocab_size
-    head_frac = masked_fraction if sparse else 1.0
+    head = h * h + h * config.vocab_size if head_params is None else head_params
+    head_frac = masked_fraction if sparse and head_params is None else 1.0
     return 6.0 * (L * per_layer + head * head_frac)
-
-
-def save_json(path, obj):
-    Path(path).write_text(json.dumps(obj, indent=2))

@@ -13,13 +13,12 @@ from ..data.mlm import MLMCollator, PackedStream, check_sources
 from ..data.sources import iter_texts
 from ..models.build import build_mlm_model, flops_per_token, get_tokenizer
 from ..training.signals import poll
+from .base import LossOutput, Task, register
 
 
-class MLMTask:
-    name = "mlm"
-    count_key = "masked_tokens"
-
-    def __init__(self, cfg: RunConfig, accelerator):
+@register("mlm")
+class MLMTask(Task):
+    def __init__(self, cfg: RunConfig, accelerator, checked=None):
         self.cfg, self.acc = cfg, accelerator
         # an empty source (or rank share) is an error now, not a silent spin after tokenizer training
         check_sources(cfg.data.sources, accelerator.process_index, accelerator.num_processes, cfg.data.eval_fraction,
@@ -66,29 +65,26 @@ class MLMTask:
                        "buffer": []})
             self.train_data.load_state_dict(st)
 
-    @staticmethod
-    def count(batch: dict) -> int:
+    def count(self, batch: dict) -> int:
         return int((batch["labels"] != -100).sum())
 
-    @staticmethod
-    def example_ids(batch: dict) -> list[str]:
+    def example_ids(self, batch: dict) -> list[str]:
         """The ids of the documents whose tokens a batch holds (a packed sequence spans several)."""
         return [i for seq in batch.get("doc_ids", []) for i in seq]
 
-    @staticmethod
-    def tokens(batch: dict) -> int:
+    def tokens(self, batch: dict) -> int:
         return batch["input_ids"].numel()
 
-    def loss(self, model, batch: dict):
-        loss_sum, n, correct = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return loss_sum, {"correct": correct.detach().float()}
+    def loss(self, model, batch: dict) -> LossOutput:
+        loss_sum, n, correct, per_seq = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                              per_example=True)
+        return LossOutput(loss_sum, per_seq, None, {"correct": correct.detach().float()})
 
     def flops_per_token(self) -> float:
         return flops_per_token(self.model.config, self.cfg.data.seq_len, self.cfg.mlm.mlm_probability,
                                sparse=self.model.sparse)
 
-    @staticmethod
-    def log_row(sums: dict, count: float) -> dict:
+    def log_row(self, sums: dict, count: float) -> dict:
         return {"mlm_accuracy": sums.get("correct", 0.0) / max(count, 1.0)}
 
     # --- evaluation --------------------------------------------------------------------------------

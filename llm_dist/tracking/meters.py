@@ -11,6 +11,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..training.callbacks import Callback
+
 # Dense bf16 peak TFLOPs per device, for the MFU estimate when tracking.peak_tflops is 0.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10": 125.0, "L40": 181.0, "L4": 121.0,
                "V100": 125.0, "T4": 65.0, "4090": 165.0, "3090": 71.0}
@@ -104,3 +106,21 @@ class MetricsWriter:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(row, default=float) + "\n")
+
+
+class ThroughputMeter(Callback):
+    """The throughput callback: counts each step's tokens and samples (all ranks) and adds `tokens_per_s`,
+    `samples_per_s` and `mfu` to each training metrics row. Benches pass their own callback named
+    "throughput" to `run(cfg, callbacks=[...])` to measure differently (e.g. CPU time)."""
+
+    name = "throughput"
+
+    def __init__(self, flops_per_token: float, peak: float, world_size: int):
+        self.meter = Throughput(flops_per_token, peak, world_size)
+
+    def on_step_end(self, ctx, out) -> None:
+        self.meter.add(int(out.tokens), int(out.samples))
+
+    def on_log(self, ctx, row: dict) -> None:
+        if "loss" in row:
+            row.update(self.meter.read())

@@ -1,7 +1,7 @@
 """Data audit (`llm-dist audit`): profile, duplicates, leakage, quality, PII — before any GPU hour.
 
 Public API:
-- `main(argv) -> int`: the CLI (`llm-dist audit`, `python -m llm_dist.audit`).
+- `main(argv) -> int`: the CLI (`llm-dist audit`, `python -m llm_dist.analysis.audit`).
 - `run_audit(spec, output_dir, cfg=AuditConfig(), ...) -> dict`: one-machine audit; `spec` from
   `file_spec(...)` / `config_spec(...)`.
 - `scan_shard(...)` / `merge_partials(...)`: the sharded path (SLURM array + merge).

@@ -1,4 +1,4 @@
-"""`llm-dist audit` / `python -m llm_dist.audit`: argument parsing and the one-line errors."""
+"""`llm-dist audit` / `python -m llm_dist.analysis.audit`: argument parsing and the one-line errors."""
 from __future__ import annotations
 
 import argparse

@@ -1,0 +1,227 @@
+"""Text classification fine-tuning: the task the loop sees — splits, tokenization, global batches, the
+loss (imbalance switches in `losses.py`), exact distributed evaluation (`gather_for_metrics`), reports and
+predictions (`metrics.py`). The model and PEFT wrapping live in `model.py`; the best model and early
+stopping are the loop's `BestModel` callback, driven by `metric_for_best()` here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...config import RunConfig, write_text_atomic
+from ...data.classify import (Collate, GlobalBatches, eval_order, label_maps, load_splits, steps_for, tokenize_split,
+                              write_splits)
+from ...data.sources import DataError
+from ...models.build import flops_per_token, get_tokenizer
+from ...training.signals import poll
+from ..base import FinalReport, LossOutput, Task, register
+from .losses import class_weights, per_example_loss
+from .metrics import compute_metrics, plot_confusion, report_text
+from .model import build_classifier, save_classifier
+
+
+@register("classify")
+class ClassifyTask(Task):
+    def __init__(self, cfg: RunConfig, accelerator, checked=None):
+        """`checked`: the start-up checks' result (training/preflight.py) with the validated splits."""
+        splits = checked.splits if checked is not None else None
+        self.cfg, self.acc = cfg, accelerator
+        out = Path(cfg.output_dir)
+        d, c = cfg.data, cfg.classify
+        world = accelerator.num_processes
+        if splits is None:
+            splits = load_splits(cfg, pinned=out / "splits", min_train=cfg.batch_size * cfg.grad_accum * world,
+                                 for_training=True)
+        self.splits = splits
+        if accelerator.is_main_process:
+            write_splits(self.splits, out / "splits")
+        accelerator.wait_for_everyone()
+        self.label2id, self.id2label = label_maps(self.splits["train"])
+        self.names = [self.id2label[i] for i in range(len(self.id2label))]
+        train_texts = list(self.splits["train"]["text"])
+        self.tokenizer = get_tokenizer(cfg, accelerator, lambda n: iter(train_texts[:n] if n else train_texts))
+        self.data = {s: tokenize_split(ds, self.tokenizer, self.label2id, d.max_length) for s, ds in self.splits.items()}
+        train = self.data["train"]
+        counts = np.bincount(train["labels"], minlength=len(self.names))
+        self.prior = counts / counts.sum()
+        self.log_prior = torch.tensor(np.log(np.maximum(self.prior, 1e-12)), dtype=torch.float32)
+        self.weights = class_weights(counts, c.class_weights, c.effective_beta)
+        self.batches = GlobalBatches(train["lengths"], train["labels"], cfg.batch_size * cfg.grad_accum * world,
+                                     cfg.batch_size, accelerator.process_index, world, cfg.seed,
+                                     d.group_by_length and not d.pad_to_max_length, c.resample, d.drop_last)
+        self.model = build_classifier(cfg, self.tokenizer, self.id2label, self.total_steps)
+        pad_to = d.max_length if d.pad_to_max_length else None
+        self.collate = {s: Collate(self.data[s], self.tokenizer.pad_token_id, pad_to) for s in self.data}
+        self._pending: list = []
+        self._eval_loaders = {}
+        self.leaked = self._leaked_ids()
+        self.steps_per_epoch = self.batches.steps_per_epoch
+
+    # --- the loop's view --------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        if self.cfg.max_steps > 0:
+            return self.cfg.max_steps
+        return steps_for(self.cfg.classify.epochs, self.batches.steps_per_epoch)
+
+    def next_batch(self) -> dict:
+        if not self._pending:
+            self._pending = self.batches.step_indices()
+        return self.collate["train"](self._pending.pop(0))
+
+    def data_state(self) -> dict:
+        return {"batches": self.batches.state_dict()}
+
+    def load_data_state(self, state: dict) -> None:
+        self.batches.load_state_dict(state["batches"])
+        self._pending = []
+
+    def resume_state(self) -> dict:
+        return {"batches": self.batches.state_dict()}
+
+    def load_resume_state(self, saved: dict) -> None:  # a world-size change keeps the global position
+        if "batches" in saved:
+            self.batches.load_state_dict(saved["batches"])
+
+    def count(self, batch: dict) -> int:
+        return int(batch["weight"].sum())  # padding examples (weight 0) at the end of an epoch do not count
+
+    def example_ids(self, batch: dict) -> list[str]:
+        """The stable ids of a training batch's examples (for reports: a non-finite step names them)."""
+        ids = self.data["train"]["ids"]
+        return [ids[i] for i, w in zip(batch["idx"].tolist(), batch["weight"].tolist()) if w > 0]
+
+    def tokens(self, batch: dict) -> int:
+        return int((batch["attention_mask"].sum(1) * batch["weight"]).sum())
+
+    def _forward(self, model, batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     token_type_ids=batch["token_type_ids"]).logits
+
+    def loss(self, model, batch: dict) -> LossOutput:
+        c = self.cfg.classify
+        logits = self._forward(model, batch)
+        losses = per_example_loss(logits, batch["labels"], self.weights, c.focal_gamma, self.log_prior,
+                                  c.logit_adjustment) * batch["weight"]
+        correct = ((logits.argmax(-1) == batch["labels"]).float() * batch["weight"]).sum()
+        return LossOutput(losses.sum(), losses.detach(), logits.detach(), {"correct": correct.detach().float()})
+
+    def after_optimizer_step(self, model, step: int) -> None:
+        """AdaLoRA re-allocates ranks from the gradients of this step (before they are zeroed)."""
+        if self.cfg.classify.peft.method == "adalora":
+            model.base_model.update_and_allocate(step)
+
+    def flops_per_token(self) -> float:
+        """Per real (unpadded) token; attention over `data.max_length` positions (an upper bound)."""
+        cfg = self.model.config
+        return flops_per_token(cfg, self.cfg.data.max_length, head_params=cfg.hidden_size * (cfg.hidden_size + len(self.names)))
+
+    def log_row(self, sums: dict, count: float) -> dict:
+        return {"train_accuracy": sums.get("correct", 0.0) / max(count, 1.0)}
+
+    # --- evaluation -------------------------------------------------------------------------------
+    def _leaked_ids(self) -> set | None:
+        if not self.cfg.data.audit:
+            return None
+        from ..analysis.audit import leaked_ids
+
+        path = Path(self.cfg.data.audit)
+        if not path.exists():
+            raise DataError(f"config key 'data.audit': {path} not found (run `llm-dist audit` first)")
+        return leaked_ids(str(path), split="test")
+
+    def _loader(self, split: str):
+        if split not in self._eval_loaders:
+            order = eval_order(self.data[split]["lengths"])
+            dl = torch.utils.data.DataLoader(order, batch_size=self.cfg.batch_size, shuffle=False,
+                                             collate_fn=self.collate[split])
+            self._eval_loaders[split] = self.acc.prepare(dl)  # sharded over ranks; gather_for_metrics de-duplicates
+        return self._eval_loaders[split]
+
+    @torch.no_grad()
+    def predict(self, model, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indices, gold, logits) for every example of `split`, exactly once, on every rank."""
+        model.eval()
+        idx, gold, logits = [], [], []
+        for batch in self._loader(split):
+            poll(self.acc)  # a preemption signal ends the evaluation on every rank at this batch
+            with self.acc.autocast():
+                out = self._forward(model, batch).float()
+            i, g, l = self.acc.gather_for_metrics((batch["idx"], batch["labels"], out))
+            idx.append(i.cpu())
+            gold.append(g.cpu())
+            logits.append(l.cpu())
+        model.train()
+        idx, gold, logits = torch.cat(idx).numpy(), torch.cat(gold).numpy(), torch.cat(logits).numpy()
+        order = np.argsort(idx, kind="stable")
+        return idx[order], gold[order], logits[order]
+
+    def _adjusted(self, logits: np.ndarray) -> np.ndarray:
+        tau = self.cfg.classify.posthoc_logit_adjustment
+        return logits - tau * self.log_prior.numpy() if tau else logits
+
+    def split_metrics(self, model, split: str) -> tuple[dict, tuple]:
+        idx, gold, logits = self.predict(model, split)
+        pred = self._adjusted(logits).argmax(-1)
+        loss = F.cross_entropy(torch.tensor(logits), torch.tensor(gold)).item() if len(gold) else 0.0
+        m = compute_metrics(gold, pred, self.names)
+        m["loss"] = loss
+        if split == "test" and self.leaked is not None:
+            ids = self.data[split]["ids"]
+            clean = np.array([ids[i] not in self.leaked for i in idx], dtype=bool)
+            m["clean"] = compute_metrics(gold[clean], pred[clean], self.names)
+            m["leaked_examples"] = int((~clean).sum())
+        return m, (idx, gold, logits, pred)
+
+    def evaluate(self, model, step: int) -> dict:
+        split = "validation" if "validation" in self.data else "test"
+        m, _ = self.split_metrics(model, split)
+        row = {f"eval_{k}": m[k] for k in ("loss", "accuracy", "macro_f1", "balanced_accuracy")}
+        row["eval_split"] = split
+        row["epoch"] = step / self.steps_per_epoch
+        if self.cfg.classify.report_every_epoch and self.acc.is_main_process:
+            gold_pred = report_text(m, self.names)
+            print(f"epoch {row['epoch']:.2f} ({split}):\n{gold_pred}", flush=True)
+        return row
+
+    def metric_for_best(self) -> tuple[str, bool]:
+        key = f"eval_{self.cfg.classify.metric_for_best}"
+        return key, "loss" not in key
+
+    def early_stopping_patience(self) -> int:
+        return self.cfg.classify.early_stopping_patience
+
+    # --- export and final report ------------------------------------------------------------------
+    def save_final(self, model, state_dict: dict | None, out: Path) -> None:
+        save_classifier(self.cfg, model, state_dict, out, self.tokenizer)
+
+    def final_report(self, model, out: Path) -> FinalReport | None:
+        """Test metrics (all / clean subset), predictions.jsonl, report text and confusion-matrix plot."""
+        if "test" not in self.data:
+            return None
+        m, (idx, gold, logits, pred) = self.split_metrics(model, "test")
+        result = {"test": {k: m[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "loss", "examples")}}
+        if "clean" in m:
+            result["test_clean"] = {k: m["clean"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "examples")}
+            result["test"]["leaked_examples"] = m["leaked_examples"]
+        if self.acc.is_main_process:
+            probs = torch.softmax(torch.tensor(self._adjusted(logits)), -1).numpy()
+            ids = self.data["test"]["ids"]
+            write_text_atomic(out / "predictions.jsonl", "".join(
+                json.dumps({"id": ids[i], "gold": self.names[gold[k]], "predicted": self.names[pred[k]],
+                            "probabilities": {n: round(float(p), 6) for n, p in zip(self.names, probs[k])}}) + "\n"
+                for k, i in enumerate(idx)))
+            text = report_text(m, self.names)
+            if "clean" in m:
+                text += (f"\n\nclean subset (no train overlap, {m['clean']['examples']} of {m['examples']}):\n"
+                         + report_text(m["clean"], self.names))
+            write_text_atomic(out / "test_report.txt", text + "\n")
+            write_text_atomic(out / "test_metrics.json", json.dumps(m, indent=1))
+            plot_confusion(m["confusion_matrix"], self.names, out / "confusion_matrix.png", "test confusion matrix")
+            print(f"test report ({out}):\n{text}", flush=True)
+        row = {f"test_{k}": v for k, v in result["test"].items()}
+        if "test_clean" in result:
+            row.update({f"test_clean_{k}": v for k, v in result["test_clean"].items()})
+        return FinalReport(result, row)
