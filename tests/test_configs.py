@@ -35,21 +35,51 @@ def test_deepspeed_configs_use_auto(path):
     assert cfg["zero_optimization"]["stage"] in (1, 2, 3)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")))
-@pytest.mark.parametrize("cuda", [False, True])
-def test_deepspeed_device_autos_resolve(path, cuda):
-    """The trainer resolves the device-dependent "auto"s: GPU defaults with CUDA, lean ZeRO-3 settings on CPU."""
-    from llm_dist.training.accelerator import DEVICE_AUTO, load_ds_config
+# What each shipped DeepSpeed JSON must resolve to, written out here (not read from the resolver's own table):
+# zero_optimization key -> (with CUDA, on CPU ranks). Keys not listed must not be left "auto" by the device
+# resolver (accelerate fills the bucket sizes it derives from the model at prepare time).
+EXPECTED_DEVICE_VALUES = {
+    "zero1.json": {},
+    "zero2.json": {"overlap_comm": (True, False)},
+    "zero2_offload.json": {"overlap_comm": (True, False)},
+    "zero3.json": {"overlap_comm": (True, False), "stage3_max_live_parameters": (1e9, 1e7),
+                   "stage3_max_reuse_distance": (1e9, 1e7), "sub_group_size": (1e9, 1e7)},
+    "zero3_offload.json": {"overlap_comm": (True, False), "stage3_max_live_parameters": (1e9, 1e7),
+                           "stage3_max_reuse_distance": (1e9, 1e7), "sub_group_size": (1e9, 1e7)},
+}
+ACCELERATE_FILLS = {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"}
 
-    zero = load_ds_config(str(path), cuda=cuda)["zero_optimization"]
-    raw = json.loads(path.read_text())["zero_optimization"]
-    for key, (gpu, cpu) in DEVICE_AUTO.items():
-        if raw.get(key) == "auto":
-            assert zero[key] == (gpu if cuda else cpu)
-    if zero["stage"] == 3:  # what bench/zero_memory.py showed ZeRO-3 needs on CPU ranks
-        assert all(raw[k] == "auto" for k in DEVICE_AUTO)
-        assert (zero["stage3_max_live_parameters"], zero["sub_group_size"], zero["overlap_comm"]) == (
-            (1e9, 1e9, True) if cuda else (1e7, 1e7, False))
+
+def test_every_deepspeed_json_has_expected_values():
+    assert sorted(p.name for p in (ROOT / "configs" / "deepspeed").glob("*.json")) == sorted(EXPECTED_DEVICE_VALUES)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DEVICE_VALUES))
+@pytest.mark.parametrize("cuda", [False, True])
+def test_deepspeed_device_autos_resolve(name, cuda):
+    """The trainer resolves the device-dependent "auto"s: GPU defaults with CUDA, lean ZeRO-3 settings on CPU."""
+    from llm_dist.training.accelerator import load_ds_config
+
+    zero = load_ds_config(str(ROOT / "configs" / "deepspeed" / name), cuda=cuda)["zero_optimization"]
+    for key, (gpu, cpu) in EXPECTED_DEVICE_VALUES[name].items():
+        assert zero[key] == (gpu if cuda else cpu) and type(zero[key]) is type(gpu), (key, zero[key])
+    assert {k for k, v in zero.items() if v == "auto"} <= ACCELERATE_FILLS
+    assert zero["stage"] == int(name[4])
+
+
+def test_device_resolver_on_a_json_of_autos():
+    """Every device key "auto" in an arbitrary JSON; an explicit value is never touched."""
+    from llm_dist.training.accelerator import resolve_device_autos
+
+    keys = ("overlap_comm", "stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size")
+    cpu = resolve_device_autos({"zero_optimization": {k: "auto" for k in keys}}, cuda=False)["zero_optimization"]
+    gpu = resolve_device_autos({"zero_optimization": {k: "auto" for k in keys}}, cuda=True)["zero_optimization"]
+    assert cpu == {"overlap_comm": False, "stage3_max_live_parameters": 10_000_000,
+                   "stage3_max_reuse_distance": 10_000_000, "sub_group_size": 10_000_000}
+    assert gpu == {"overlap_comm": True, "stage3_max_live_parameters": 1_000_000_000,
+                   "stage3_max_reuse_distance": 1_000_000_000, "sub_group_size": 1_000_000_000}
+    fixed = resolve_device_autos({"zero_optimization": {"overlap_comm": True, "sub_group_size": 5}}, cuda=False)
+    assert fixed["zero_optimization"] == {"overlap_comm": True, "sub_group_size": 5}
 
 
 def test_deepspeed_config_errors_name_the_file_and_line(tmp_path):

@@ -1,10 +1,8 @@
 """glibc malloc release (config `malloc_release`) and the per-rank peak-RSS meter."""
 import subprocess
 import sys
-import types
 
 import pytest
-import torch
 
 from conftest import ROOT
 
@@ -38,13 +36,34 @@ def test_malloc_release_gives_freed_memory_back():
     assert res["auto3"][2] < res["auto3"][1] - 800 and res["auto2"][2] > res["auto2"][1] - 100
 
 
-def test_peak_memory_single_process():
-    from llm_dist.tracking.meters import peak_memory_per_rank, peak_rss_gb
+METER = r"""
+import json, os, psutil, torch, types
+from llm_dist.tracking.meters import peak_memory_per_rank, peak_rss_gb
+rss = lambda: psutil.Process().memory_info().rss / 2**30
+before = peak_rss_gb()
+x = torch.ones(160 * 2**20)             # 640 MiB, every page touched
+during = peak_rss_gb()
+del x                                   # a block this large is unmapped at once: current RSS falls back
+after_rss = rss()
+after = peak_rss_gb()
+acc = types.SimpleNamespace(device=torch.device("cpu"), num_processes=1)
+print(json.dumps({"before": before, "during": during, "after_rss": after_rss, "after": after,
+                  "gathered": peak_memory_per_rank(acc)}))
+"""
 
-    before = peak_rss_gb()
-    x = torch.ones(96 * 2**20)  # 384 MiB touched
-    acc = types.SimpleNamespace(device=torch.device("cpu"), num_processes=1)
-    out = peak_memory_per_rank(acc)
-    assert out["peak_rss_gb"] >= before and out["peak_rss_gb"] >= 0.35
-    assert out["peak_rss_gb_per_rank"] == [out["peak_rss_gb"]]
-    del x
+
+def test_peak_rss_meter_sees_a_known_allocation():
+    """A fresh process allocates 640 MiB: the meter's peak grows by about that much and keeps it after the
+    tensor is freed (while current RSS falls back). A meter in the wrong unit, one that reports current RSS,
+    or one that never moves fails here."""
+    import json
+
+    out = subprocess.run([sys.executable, "-c", METER], cwd=ROOT, capture_output=True, text=True, check=True)
+    m = json.loads(out.stdout)
+    big = 640 / 1024
+    assert 0.9 * big < m["during"] - m["before"] < 1.1 * big + 0.05, m
+    assert m["after_rss"] < m["during"] - 0.8 * big, m  # the memory really went back...
+    assert m["after"] >= m["during"], m  # ...but the peak is a peak
+    assert 0.1 < m["before"] < 2.0, m  # torch + llm_dist imported: a few hundred MiB, not KiB-as-GiB
+    g = m["gathered"]
+    assert g["peak_rss_gb_per_rank"] == [g["peak_rss_gb"]] and g["peak_rss_gb"] >= m["after"]

@@ -3,6 +3,7 @@ SIGTERM checkpointing, corrupt-checkpoint fallback, gradient accumulation = one 
 import json
 import os
 import signal
+import statistics
 import subprocess
 import time
 import warnings
@@ -43,6 +44,7 @@ def test_two_ranks_train_and_stay_in_sync(two_rank_run):
     assert len(mem["peak_rss_gb_per_rank"]) == 2 and mem["peak_rss_gb"] == max(mem["peak_rss_gb_per_rank"])
     assert all(a["peak_rss_gb"] <= b["peak_rss_gb"] for a, b in zip(train, train[1:]))
     assert train[-1]["peak_rss_gb"] >= train[-1]["rss_gb"] and run["malloc_release"] is False  # auto: ZeRO-3 only
+    assert_meters_plausible(out, run, train, world=2)
     assert train[-1]["loss"] < train[0]["loss"] - 0.5
     assert [e["step"] for e in evals] == [30, 60] and evals[-1]["eval_loss"] < evals[0]["eval_loss"]
     assert {"perplexity", "mlm_accuracy"} <= set(evals[0])
@@ -58,6 +60,29 @@ def test_two_ranks_train_and_stay_in_sync(two_rank_run):
     name = "bert.embeddings.word_embeddings.weight"
     assert torch.equal(model.state_dict()[name], saved[name])
     assert (out / "final" / "tokenizer.json").exists() and (out / "config.yaml").exists()
+
+
+def assert_meters_plausible(out, run, train, world):
+    """Throughput, MFU and memory values in range and consistent with each other, on a tiny run."""
+    cfg = json.loads((out / "final" / "config.json").read_text())
+    h, L, inter, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+    assert (h, L, inter) == (128, 2, 512)  # the tiny preset
+    # the MFU numerator, written out: 6 x (encoder matmuls + attention over seq 64 + sparse head on 15%)
+    flops = 6 * (L * (4 * h * h + 2 * h * inter + 2 * 64 * h) + 0.15 * (h * h + h * vocab))
+    for r in train:
+        assert r["tokens_per_s"] > 0 and r["samples_per_s"] > 0 and 0 < r["mfu"] < 1
+        assert abs(r["mfu"] * 0.5e12 * world / r["tokens_per_s"] / flops - 1) < 1e-6  # 0.5 TFLOPs per CPU process
+        assert abs(r["tokens_per_s"] / r["samples_per_s"] - 64) < 1e-6  # packed: every sample is 64 tokens
+    # the windows' time (tokens / tokens_per_s) adds up to the loop's wall time
+    seen = [0] + [r["tokens_seen"] for r in train]
+    window_s = sum((b - a) / r["tokens_per_s"] for a, b, r in zip(seen, seen[1:], train))
+    assert 0.75 < window_s / run["train_seconds"] < 1.33, (window_s, run["train_seconds"])  # measured 0.999
+    assert 0.3 < train[-1]["tokens_seen"] / run["train_seconds"] / statistics.median(
+        r["tokens_per_s"] for r in train) < 3
+    mem = run["memory"]["peak_rss_gb_per_rank"]
+    assert len(mem) == world and all(0.2 < m < 20 for m in mem), mem
+    assert max(mem) < 1.5 * min(mem), mem  # the ranks do the same work
+    assert all(0.2 < r["rss_gb"] <= r["peak_rss_gb"] < 20 for r in train)
 
 
 def test_keep_last_k_and_corrupt_checkpoint_fallback(two_rank_run):
