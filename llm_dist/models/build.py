@@ -65,14 +65,24 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
         raise ModelError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
-def get_tokenizer(cfg: RunConfig, accelerator, texts_fn) -> PreTrainedTokenizerFast:
-    """The run's tokenizer: `tokenizer.path`, else the model dir's, else a WordPiece trained on the
-    sources by the main process and saved under `output_dir/tokenizer` (others wait, then load it)."""
-    tcfg: TokenizerConfig = cfg.tokenizer
-    if tcfg.path:
-        return load_tokenizer(tcfg.path)
+def tokenizer_source(cfg: RunConfig) -> tuple[str | None, str | None]:
+    """Where a run's tokenizer comes from, the one rule everything uses (training, start-up checks, the
+    audit): (dir, config key) — `tokenizer.path`, else the model dir (`model.path`), else (None, None):
+    a WordPiece trained on the training texts into `output_dir/tokenizer`."""
+    if cfg.tokenizer.path:
+        return cfg.tokenizer.path, "tokenizer.path"
     if cfg.model.path:
-        return load_tokenizer(cfg.model.path)
+        return cfg.model.path, "model.path"
+    return None, None
+
+
+def get_tokenizer(cfg: RunConfig, accelerator, texts_fn) -> PreTrainedTokenizerFast:
+    """The run's tokenizer (`tokenizer_source`); a trained one is trained by the main process and saved
+    under `output_dir/tokenizer` (others wait, then load it)."""
+    tcfg: TokenizerConfig = cfg.tokenizer
+    path, _ = tokenizer_source(cfg)
+    if path:
+        return load_tokenizer(path)
     out = Path(cfg.output_dir) / "tokenizer"
     if accelerator.is_main_process and not (out / "tokenizer.json").exists():
         print(f"training a WordPiece tokenizer (vocab {tcfg.vocab_size}) on the training texts", flush=True)

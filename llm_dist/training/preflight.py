@@ -106,14 +106,14 @@ def check_model(cfg: RunConfig):
 
 def check_tokenizer(cfg: RunConfig, model_config) -> None:
     """A given tokenizer dir loads and fits the model's embeddings (a trained one is made to fit)."""
-    from ..models.build import ModelError, check_vocab, load_tokenizer
+    from ..models.build import ModelError, check_vocab, load_tokenizer, tokenizer_source
 
-    path = cfg.tokenizer.path
-    if path and not Path(path).is_dir():
-        raise ModelError(f"config key 'tokenizer.path': {path}: tokenizer dir not found")
-    path = path or cfg.model.path
+    path, key = tokenizer_source(cfg)
     if not path:
         return
+    if not Path(path).is_dir():
+        raise ModelError(f"config key '{key}': {path}: {'tokenizer' if key == 'tokenizer.path' else 'model'} "
+                         "dir not found")
     tok = load_tokenizer(path)
     if model_config is not None:
         check_vocab(model_config, tok, cfg.model.path)

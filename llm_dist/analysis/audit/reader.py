@@ -182,12 +182,14 @@ def _run_tokenizer(cfg, texts) -> tuple[str, str]:
     """(path, name) of the tokenizer a run uses: tokenizer.path, else the model dir, else the one the run
     trained (`output_dir/tokenizer`), else one trained here exactly as the run would (kept in a temp dir,
     not written into the run)."""
-    for key, cand in (("tokenizer.path", cfg.tokenizer.path), ("model.path", cfg.model.path)):
-        if cand:
-            if not Path(cand).is_dir():
-                what = "tokenizer" if key == "tokenizer.path" else "model"
-                raise AuditError(f"config key '{key}': {cand}: {what} dir not found")
-            return cand, cand
+    from ...models.build import tokenizer_source
+
+    cand, key = tokenizer_source(cfg)
+    if cand:
+        if not Path(cand).is_dir():
+            what = "tokenizer" if key == "tokenizer.path" else "model"
+            raise AuditError(f"config key '{key}': {cand}: {what} dir not found")
+        return cand, cand
     trained = Path(cfg.output_dir) / "tokenizer"
     if (trained / "tokenizer.json").exists():
         return str(trained), str(trained)
