@@ -61,6 +61,72 @@ def test_whole_word_masking_masks_all_pieces(tok):
     assert 0.10 < masked.sum() / masked.numel() < 0.20
 
 
+def _words(seq: dict, tok) -> list[list[int]]:
+    """Token positions of each word of a sequence, from the tokens themselves: a `##` piece continues the
+    word before it (independent of the collator's offset-based rule)."""
+    toks = tok.convert_ids_to_tokens(seq["input_ids"].tolist())
+    special = seq["special_tokens_mask"].bool().tolist()
+    words: list[list[int]] = []
+    for i, (t, sp) in enumerate(zip(toks, special)):
+        if sp:
+            continue
+        if t.startswith("##") and words and words[-1][-1] == i - 1:
+            words[-1].append(i)
+        else:
+            words.append([i])
+    return words
+
+
+@pytest.mark.parametrize("mask_p, random_p", [(0.8, 0.1), (0.5, 0.4), (0.0, 1.0), (1.0, 0.0)])
+def test_whole_word_masking_honours_80_10_10_per_word(tok, mask_p, random_p):
+    """Over many batches, the [MASK] / random / kept shares of masked *words* match the config, every piece
+    of a picked word is predicted, and a word's pieces all get the same treatment."""
+    torch.manual_seed(1)
+    data = DataConfig(seq_len=128, shuffle_buffer=1)
+    seqs = take(iter(PackedStream(data.sources, tok, data, 0, 0, 1, with_offsets=True)), 160)
+    collate = MLMCollator(tok, MLMConfig(whole_word_masking=True, mask_replace_prob=mask_p, random_replace_prob=random_p))
+    counts = {"mask": 0, "random": 0, "keep": 0}
+    words_total = words_masked = multi_piece_masked = 0
+    for b in range(10):  # 10 batches of 16: fresh draws each
+        chunk = seqs[16 * b:16 * (b + 1)]
+        out = collate(chunk)
+        for row, seq in enumerate(chunk):
+            orig, inp, lab = seq["input_ids"], out["input_ids"][row], out["labels"][row]
+            assert (lab[seq["special_tokens_mask"].bool()] == -100).all()
+            for w in _words(seq, tok):
+                words_total += 1
+                m = lab[w] != -100
+                assert m.all() or not m.any(), "a word is masked partly"
+                if not m.any():
+                    assert torch.equal(inp[w], orig[w])
+                    continue
+                assert torch.equal(lab[w], orig[w])
+                words_masked += 1
+                multi_piece_masked += len(w) > 1
+                is_mask = inp[w] == tok.mask_token_id
+                is_keep = inp[w] == orig[w]
+                if is_mask.all():
+                    counts["mask"] += 1
+                elif is_keep.all():
+                    counts["keep"] += 1
+                else:  # random tokens for the whole word (a draw hits the original or [MASK] only by chance)
+                    assert (~is_mask & ~is_keep).float().mean() > 0.5
+                    counts["random"] += 1
+    assert multi_piece_masked > 50
+    assert 0.13 < words_masked / words_total < 0.17, words_masked / words_total
+    want = {"mask": mask_p, "random": random_p, "keep": 1 - mask_p - random_p}
+    for k, p in want.items():
+        share = counts[k] / words_masked
+        assert abs(share - p) < 0.03, (k, share, p, counts)  # ~2,400 masked words: 0.03 is > 4 sigma
+
+
+def test_whole_word_masking_needs_offsets(tok):
+    data = DataConfig(seq_len=32, shuffle_buffer=1)
+    seqs = take(iter(PackedStream(data.sources, tok, data, 0, 0, 1)), 2)
+    with pytest.raises(ValueError, match="offset_mapping"):
+        MLMCollator(tok, MLMConfig(whole_word_masking=True))(seqs)
+
+
 def test_rank_split_is_disjoint_and_complete():
     src = [SourceConfig(name="bbc_news")]
     ids = [[ex["id"] for ex in document_stream(src, 0, 0, r, 2, 0.05, want_heldout=False)] for r in range(2)]

@@ -244,20 +244,71 @@ def _tuple_state(state):
 
 
 class MLMCollator:
-    """Stack packed sequences and apply dynamic masking (80/10/10 or whole-word) with transformers'
-    `DataCollatorForLanguageModeling`; masking draws from the global torch RNG, which checkpoints save."""
+    """Stack packed sequences and apply dynamic masking; draws come from the global torch RNG, which
+    checkpoints save.
+
+    - Token masking: transformers' `DataCollatorForLanguageModeling` (`mlm_probability` of the non-special
+      tokens; of those `mask_replace_prob` become [MASK], `random_replace_prob` a random token, the rest
+      stay as they are).
+    - Whole-word masking (`whole_word_masking: true`, needs the sequences' `offset_mapping`): words are
+      picked with probability `mlm_probability` (a word = a token starting after a gap in the text, or
+      after a special token, plus the pieces that continue it) and every piece of a picked word is
+      predicted. The 80/10/10 choice is made **per word**, so a word is either all [MASK], all random
+      tokens or all kept. transformers 5's collator cannot do this: with `whole_word_mask` it sets
+      `mask_replace_prob=1` (100% [MASK]) whatever it is given, so it is done here."""
 
     def __init__(self, tokenizer, mlm: MLMConfig):
-        self.inner = DataCollatorForLanguageModeling(
-            tokenizer, mlm=True, mlm_probability=mlm.mlm_probability, whole_word_mask=mlm.whole_word_masking,
-            mask_replace_prob=1.0 if mlm.whole_word_masking else mlm.mask_replace_prob,
-            random_replace_prob=0.0 if mlm.whole_word_masking else mlm.random_replace_prob,
+        self.mlm = mlm
+        self.whole_word = mlm.whole_word_masking
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab = len(tokenizer)
+        self.inner = None if self.whole_word else DataCollatorForLanguageModeling(
+            tokenizer, mlm=True, mlm_probability=mlm.mlm_probability,
+            mask_replace_prob=mlm.mask_replace_prob, random_replace_prob=mlm.random_replace_prob,
         )
 
     def __call__(self, examples: list[dict]) -> dict:
         input_ids = torch.stack([e["input_ids"] for e in examples])
         special = torch.stack([e["special_tokens_mask"] for e in examples])
-        offsets = torch.stack([e["offset_mapping"] for e in examples]) if "offset_mapping" in examples[0] else None
-        inputs, labels = self.inner.torch_mask_tokens(input_ids, special_tokens_mask=special, offset_mapping=offsets)
+        if self.whole_word:
+            if "offset_mapping" not in examples[0]:
+                raise ValueError("whole-word masking needs the sequences' offset_mapping (PackedStream(with_offsets=True))")
+            offsets = torch.stack([e["offset_mapping"] for e in examples])
+            inputs, labels = self.whole_word_mask(input_ids, special, offsets)
+        else:
+            inputs, labels = self.inner.torch_mask_tokens(input_ids, special_tokens_mask=special)
         return {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs),
                 "doc_ids": [e.get("doc_ids", []) for e in examples]}
+
+    def whole_word_mask(self, input_ids: torch.Tensor, special: torch.Tensor,
+                        offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) with whole words masked and the mask / random / keep split drawn per word."""
+        m = self.mlm
+        inputs, labels = input_ids.clone(), input_ids.clone()
+        special = special.bool()
+        starts = word_starts(offsets, special)
+        # the word of each token: the index of its first piece (-1 for special tokens)
+        pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        head = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+        # one draw per word (made at its first piece), shared by all its pieces
+        pick = torch.rand(input_ids.shape) < m.mlm_probability
+        how = torch.rand(input_ids.shape)
+        masked = (pick & starts).gather(1, head) & ~special
+        how = how.gather(1, head)
+        labels[~masked] = -100
+        to_mask = masked & (how < m.mask_replace_prob)
+        to_random = masked & ~to_mask & (how < m.mask_replace_prob + m.random_replace_prob)
+        inputs[to_mask] = self.mask_id
+        random_ids = torch.randint(self.vocab, input_ids.shape, dtype=torch.long)
+        inputs[to_random] = random_ids[to_random]
+        return inputs, labels
+
+
+def word_starts(offsets: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """True at the first piece of each word: a non-special token whose text does not continue the previous
+    token's (a gap in the character offsets), or that follows a special token or starts the sequence."""
+    prev_end = torch.roll(offsets[..., 1], 1, dims=1)
+    prev_special = torch.roll(special, 1, dims=1)
+    new = (offsets[..., 0] != prev_end) | prev_special
+    new[:, 0] = True
+    return new & ~special
