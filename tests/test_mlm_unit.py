@@ -120,6 +120,21 @@ def test_whole_word_masking_honours_80_10_10_per_word(tok, mask_p, random_p):
         assert abs(share - p) < 0.03, (k, share, p, counts)  # ~2,400 masked words: 0.03 is > 4 sigma
 
 
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_seeded_collator_repeats_and_leaves_the_global_rng(tok, whole_word):
+    """Evaluation masks (MLMCollator(seed=…)): the same every time, and the training RNG is not drawn."""
+    data = DataConfig(seq_len=64, shuffle_buffer=1)
+    seqs = take(iter(PackedStream(data.sources, tok, data, 0, 0, 1, with_offsets=True)), 8)
+    mlm = MLMConfig(whole_word_masking=whole_word)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a = MLMCollator(tok, mlm, seed=17)(seqs)
+    b = MLMCollator(tok, mlm, seed=17)(seqs)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert (a["labels"] != -100).any()
+
+
 def test_whole_word_masking_needs_offsets(tok):
     data = DataConfig(seq_len=32, shuffle_buffer=1)
     seqs = take(iter(PackedStream(data.sources, tok, data, 0, 0, 1)), 2)

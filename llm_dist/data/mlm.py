@@ -245,7 +245,8 @@ def _tuple_state(state):
 
 class MLMCollator:
     """Stack packed sequences and apply dynamic masking; draws come from the global torch RNG, which
-    checkpoints save.
+    checkpoints save (or, with `seed`, from a generator of that seed: evaluation masks, comparable
+    between evals and leaving the training RNG untouched).
 
     - Token masking: transformers' `DataCollatorForLanguageModeling` (`mlm_probability` of the non-special
       tokens; of those `mask_replace_prob` become [MASK], `random_replace_prob` a random token, the rest
@@ -257,7 +258,7 @@ class MLMCollator:
       tokens or all kept. transformers 5's collator cannot do this: with `whole_word_mask` it sets
       `mask_replace_prob=1` (100% [MASK]) whatever it is given, so it is done here."""
 
-    def __init__(self, tokenizer, mlm: MLMConfig):
+    def __init__(self, tokenizer, mlm: MLMConfig, seed: int | None = None):
         self.mlm = mlm
         self.whole_word = mlm.whole_word_masking
         self.mask_id = tokenizer.mask_token_id
@@ -266,6 +267,13 @@ class MLMCollator:
             tokenizer, mlm=True, mlm_probability=mlm.mlm_probability,
             mask_replace_prob=mlm.mask_replace_prob, random_replace_prob=mlm.random_replace_prob,
         )
+        self.generator = None
+        if seed is not None:
+            if self.inner is not None:
+                self.inner.seed = seed
+                self.inner.create_rng("pt")
+            else:
+                self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, examples: list[dict]) -> dict:
         input_ids = torch.stack([e["input_ids"] for e in examples])
@@ -291,15 +299,16 @@ class MLMCollator:
         pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         head = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
         # one draw per word (made at its first piece), shared by all its pieces
-        pick = torch.rand(input_ids.shape) < m.mlm_probability
-        how = torch.rand(input_ids.shape)
+        g = self.generator
+        pick = torch.rand(input_ids.shape, generator=g) < m.mlm_probability
+        how = torch.rand(input_ids.shape, generator=g)
         masked = (pick & starts).gather(1, head) & ~special
         how = how.gather(1, head)
         labels[~masked] = -100
         to_mask = masked & (how < m.mask_replace_prob)
         to_random = masked & ~to_mask & (how < m.mask_replace_prob + m.random_replace_prob)
         inputs[to_mask] = self.mask_id
-        random_ids = torch.randint(self.vocab, input_ids.shape, dtype=torch.long)
+        random_ids = torch.randint(self.vocab, input_ids.shape, dtype=torch.long, generator=g)
         inputs[to_random] = random_ids[to_random]
         return inputs, labels
 

@@ -97,9 +97,7 @@ class MLMTask:
         """Loss / perplexity / accuracy over the held-out stream (each rank its share), with masks drawn
         from a fixed seed so evals at different steps are comparable and training RNG is untouched."""
         model.eval()
-        collator = MLMCollator(self.tokenizer, self.cfg.mlm)
-        collator.inner.seed = self.cfg.seed + 17
-        collator.inner.create_rng("pt")
+        collator = MLMCollator(self.tokenizer, self.cfg.mlm, seed=self.cfg.seed + 17)
         loader = torch.utils.data.DataLoader(self._stream(eval_split=True), batch_size=self.cfg.batch_size,
                                              collate_fn=collator)
         totals = torch.zeros(3, device=self.acc.device, dtype=torch.float64)
