@@ -142,14 +142,71 @@ def test_whole_word_masking_needs_offsets(tok):
         MLMCollator(tok, MLMConfig(whole_word_masking=True))(seqs)
 
 
+def _rank_docs(src, rank, world, epoch=0, heldout=0.05, want_heldout=False):
+    """(ids this rank reads, files and documents it opened / read from disk)."""
+    from llm_dist.data import sources
+
+    sources.READS.update(files=0, documents=0)
+    ids = [ex["id"] for ex in document_stream(src, 0, epoch, rank, world, heldout, want_heldout=want_heldout)]
+    return ids, dict(sources.READS)
+
+
 def test_rank_split_is_disjoint_and_complete():
+    """Two ranks: disjoint, together complete, and each opens and reads only about half the files (its
+    own), not the whole corpus; the held-out documents are read apart."""
     src = [SourceConfig(name="bbc_news")]
-    ids = [[ex["id"] for ex in document_stream(src, 0, 0, r, 2, 0.05, want_heldout=False)] for r in range(2)]
-    held = [ex["id"] for ex in document_stream(src, 0, 0, 0, 1, 0.05, want_heldout=True)]
-    assert not set(ids[0]) & set(ids[1])
-    assert set(ids[0]) | set(ids[1]) | set(held) == {ex["id"] for ex in document_stream(src, 0, 0, 0, 1, 0, False)}
-    assert len(ids[0]) + len(ids[1]) + len(held) == 2225
-    assert 60 < len(held) < 170 and abs(len(ids[0]) - len(ids[1])) <= 1
+    (ids0, reads0), (ids1, reads1) = (_rank_docs(src, r, 2) for r in range(2))
+    held, _ = _rank_docs(src, 0, 1, want_heldout=True)
+    everything, reads_all = _rank_docs(src, 0, 1, heldout=0)
+    assert reads_all == {"files": 2225, "documents": 2225}
+    assert not set(ids0) & set(ids1) and not (set(ids0) | set(ids1)) & set(held)
+    assert set(ids0) | set(ids1) | set(held) == set(everything)
+    assert len(ids0) + len(ids1) + len(held) == 2225
+    assert 60 < len(held) < 170
+    assert reads0["files"] + reads1["files"] == 2225  # each file opened by exactly one rank
+    for reads in (reads0, reads1):
+        assert 0.45 < reads["files"] / 2225 < 0.55 and reads["documents"] == reads["files"]
+    assert abs(len(ids0) - len(ids1)) < 0.05 * 2225  # whole files balanced by bytes
+
+
+def test_rank_split_of_local_files(tmp_path):
+    """Local files (lines of different lengths, an uneven count): 3 ranks each open only their own files,
+    the shard order changes with the epoch and is the same on every rank; fewer files than ranks falls
+    back to one document in `world_size` (everything still read exactly once overall)."""
+    from llm_dist.data.mlm import epoch_order, rank_files
+
+    for k in range(7):
+        (tmp_path / f"part{k}.txt").write_text("".join(f"doc {k} {i} " + "w " * (k * 3 + i % 5) + "\n"
+                                                    for i in range(40 + 13 * k)))
+    src = [SourceConfig(path=str(tmp_path))]
+    total = sum(40 + 13 * k for k in range(7))
+    for epoch in (0, 1):
+        runs = [_rank_docs(src, r, 3, epoch=epoch, heldout=0) for r in range(3)]
+        ids = [set(i) for i, _ in runs]
+        assert sum(len(i) for i in ids) == total == len(set().union(*ids))
+        assert sum(r["files"] for _, r in runs) == 7 and all(r["files"] >= 1 for _, r in runs)
+        assert [r["documents"] for _, r in runs] == [len(i) for i in ids]  # nothing read that is not kept
+    files = sorted(str(p) for p in tmp_path.glob("*.txt"))
+    assert epoch_order(files, 0, 0, 0) != epoch_order(files, 0, 0, 1) and epoch_order(files, 0, 0, 1) == epoch_order(files, 0, 0, 1)
+    groups = [rank_files(epoch_order(files, 0, 0, 1), r, 3) for r in range(3)]
+    assert sum(groups, []) == epoch_order(files, 0, 0, 1)
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.txt").write_text("".join(f"line {i}\n" for i in range(9)))
+    runs = [_rank_docs([SourceConfig(path=str(one))], r, 2, heldout=0) for r in range(2)]
+    assert sorted(runs[0][0] + runs[1][0]) == sorted(f"a:{i}" for i in range(9)) and len(runs[0][0]) == 5
+
+
+def test_dataloader_workers_split_files_once(tok):
+    """With DataLoader workers each worker streams its own group of files (ranks x workers groups): the
+    held-out pass over 2 workers yields every held-out document exactly once."""
+    data = DataConfig(seq_len=64, shuffle_buffer=1)
+    want, _ = _rank_docs(data.sources, 0, 1, want_heldout=True)
+    ps = PackedStream(data.sources, tok, data, 0, 0, 1, eval_split=True)
+    items = list(torch.utils.data.DataLoader(ps, batch_size=None, num_workers=2))
+    single = list(PackedStream(data.sources, tok, data, 0, 0, 1, eval_split=True))
+    assert {d for item in items for d in item["doc_ids"]} == set(want)  # none lost …
+    assert len(single) - 1 <= len(items) <= len(single)  # … none twice (each worker drops a partial sequence)
 
 
 def test_weighted_mix_of_sources(tmp_path):

@@ -8,16 +8,18 @@ resumed run continues with exactly the next batch without replaying the stream.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from typing import Iterator
 
 import datasets
+import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 from transformers import DataCollatorForLanguageModeling
 
 from ..config import DataConfig, MLMConfig, SourceConfig
-from .sources import DataError, stream_source
+from .sources import DataError, source_files, stream_source
 
 
 def is_heldout(doc_id: str, fraction: float) -> bool:
@@ -30,29 +32,71 @@ def is_heldout(doc_id: str, fraction: float) -> bool:
 
 def document_stream(sources: list[SourceConfig], seed: int, epoch: int, rank: int, world_size: int,
                     heldout_fraction: float, want_heldout: bool) -> datasets.IterableDataset:
-    """The documents this rank reads in `epoch`: shards shuffled by (seed, epoch), sources mixed by
-    weight, held-out documents kept or dropped, then split across ranks (disjoint and complete)."""
+    """The documents this rank reads in `epoch`, disjoint from every other rank's and together complete.
+
+    Per source: the file order is shuffled by (seed, source, epoch) — the same order on every rank —
+    and cut into `world_size` contiguous groups of whole files balanced by bytes (`rank_files`); this
+    rank streams only its own group, so it opens, reads and filters only its share. A source with fewer
+    files than ranks is read whole by every rank and split by example (every `world_size`-th kept
+    document). Then excluded ids are dropped, held-out documents kept or dropped (by a hash of the id),
+    and several sources mixed by weight. (`world_size` here counts DataLoader workers too.)"""
     streams = []
     for i, src in enumerate(sources):
-        ds = stream_source(src)
+        files = epoch_order(source_files(src), seed, i, epoch)
+        mine = rank_files(files, rank, world_size)
+        ds = stream_source(src, files if mine is None else mine)
         excluded = excluded_ids(src)
         if excluded:
             ds = ds.filter(lambda ex, ids=excluded: ex["id"] not in ids)
-        if ds.num_shards > 1:  # shard (file) order shuffle; deterministic, no example buffer to lose on resume
-            ds = ds.shuffle(seed=seed + 1000 * i, buffer_size=1)
-            ds.set_epoch(epoch)
+        if heldout_fraction > 0:
+            ds = ds.filter(lambda ex: is_heldout(ex["id"], heldout_fraction) == want_heldout)
+        if mine is None and world_size > 1:  # fewer files than ranks: one example in `world_size`
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         streams.append(ds)
     if len(streams) == 1:
-        ds = streams[0]
-    else:
-        weights = [s.weight for s in sources]
-        total = sum(weights)
-        ds = datasets.interleave_datasets(
-            streams, probabilities=[w / total for w in weights], seed=seed + epoch, stopping_strategy="all_exhausted"
-        )
-    if heldout_fraction > 0:
-        ds = ds.filter(lambda ex: is_heldout(ex["id"], heldout_fraction) == want_heldout)
-    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        return streams[0]
+    weights = [s.weight for s in sources]
+    total = sum(weights)
+    return datasets.interleave_datasets(
+        streams, probabilities=[w / total for w in weights], seed=seed + epoch, stopping_strategy="all_exhausted"
+    )
+
+
+def epoch_order(files: list[str], seed: int, source_index: int, epoch: int) -> list[str]:
+    """The source's files in the order of `epoch`: a permutation drawn from (seed, source, epoch) only,
+    so every rank (and a resumed run) computes the same one."""
+    perm = np.random.default_rng([seed, source_index, epoch]).permutation(len(files))
+    return [files[j] for j in perm]
+
+
+_SIZES: dict[str, int] = {}
+
+
+def _size(file: str) -> int:
+    if file not in _SIZES:
+        _SIZES[file] = max(os.path.getsize(file), 1)
+    return _SIZES[file]
+
+
+def rank_files(files: list[str], rank: int, world_size: int) -> list[str] | None:
+    """Rank `rank`'s share of `files` (in their order): the `rank`-th of `world_size` contiguous groups
+    of whole files with about equal bytes, each group at least one file. None when there are fewer files
+    than ranks (the caller then splits by example)."""
+    n = len(files)
+    if world_size <= 1:
+        return list(files)
+    if n < world_size:
+        return None
+    cum = np.cumsum([0] + [_size(f) for f in files])
+    cuts = [0]
+    for k in range(1, world_size):
+        target = cum[-1] * k / world_size
+        j = int(np.searchsorted(cum, target))  # the first file boundary at or past the target bytes …
+        if j > 0 and target - cum[j - 1] < cum[j] - target:
+            j -= 1  # … or the one before it, if closer
+        cuts.append(min(max(j, cuts[-1] + 1), n - (world_size - k)))  # every group keeps >= 1 file
+    cuts.append(n)
+    return list(files[cuts[rank]:cuts[rank + 1]])
 
 
 _EXCLUDED: dict = {}
@@ -126,7 +170,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             whole_epoch, read = st["stream"] is None, 0
             batch: list[str] = []
             doc_ids: list[str] = []
-            it = iter(ds)
+            it = _examples(ds)
             exhausted = False
             while not exhausted:
                 try:
@@ -192,6 +236,13 @@ class PackedStream(torch.utils.data.IterableDataset):
         if "offset_mapping" in item:
             out["offset_mapping"] = torch.tensor(item["offset_mapping"], dtype=torch.long)
         return out
+
+
+def _examples(ds: datasets.IterableDataset) -> Iterator[dict]:
+    """The stream's examples. Not `iter(ds)`: inside a DataLoader worker that would split the shards
+    across workers a second time, though `document_stream` already gave this worker only its own share."""
+    for batch in ds.iter(batch_size=1):
+        yield {k: v[0] for k, v in batch.items()}
 
 
 def _take_docs(runs: list[list], n: int) -> list[str]:

@@ -4,8 +4,8 @@
   ids are `business/001` … (topic folder / file stem), stable across runs and machines.
 - local files: text (one document per non-empty line), jsonl/json, csv, parquet, or a glob/dir of them.
 
-`stream_source` gives a `datasets.IterableDataset` (one shard per file, so `split_dataset_by_node`
-can hand whole files to ranks) of `{"id", "text"}`; `load_table` gives an in-memory `datasets.Dataset`
+`stream_source` gives a `datasets.IterableDataset` of `{"id", "text"}` over a source's files, or over
+one rank's share of them (`data/mlm.py` `document_stream` hands whole files to ranks); `load_table` gives an in-memory `datasets.Dataset`
 for fine-tuning. Bad input raises `DataError` naming the file and line (`FILE:LINE`, 1-based; a CSV
 counts its header line) or, for formats without lines (JSON array, parquet, `save_to_disk`), `FILE: row N`
 (1-based).
@@ -226,14 +226,23 @@ def _csv_rows(file: Path, row) -> Iterator[tuple[str, dict]]:
 
 
 # ----------------------------------------------------------------------------- streaming (MLM)
+# Data-path work done by this process: files opened and documents read by the streaming generators
+# (bench/data_path.py and the rank-split tests read it; a rank should only ever touch its own share).
+READS = {"files": 0, "documents": 0}
+
+
 def _gen_files(files: list[str], fmt: str | None, text_column: str, id_column: str | None):
     for f in files:
+        READS["files"] += 1
         for rec in iter_file(Path(f), fmt, text_column, id_column):
+            READS["documents"] += 1
             yield {"id": rec["id"], "text": rec["text"]}
 
 
 def _gen_bbc(files: list[str]):
     for f in files:
+        READS["files"] += 1
+        READS["documents"] += 1
         rec = _bbc_record(Path(f))
         yield {"id": rec["id"], "text": rec["text"]}
 
@@ -241,16 +250,26 @@ def _gen_bbc(files: list[str]):
 FEATURES = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")})
 
 
-def stream_source(src: SourceConfig) -> datasets.IterableDataset:
-    """A streaming dataset of `{"id", "text"}`, one shard per file."""
+def source_files(src: SourceConfig) -> list[str]:
+    """All files of a source, in a fixed (sorted) order — the same list on every rank."""
     if src.name is not None:
         if src.name != "bbc_news":
             raise DataError(f"data source '{src.name}': unknown (built-in sources: bbc_news)")
-        files = [str(f) for f in bbc_news_files()]
-        return datasets.IterableDataset.from_generator(_gen_bbc, gen_kwargs={"files": files}, features=FEATURES)
+        return [str(f) for f in bbc_news_files()]
     files = [str(f) for f in resolve_files(src.path)]
     for f in files:
         file_format(Path(f), src.format)  # fail early on an unknown extension
+    return files
+
+
+def stream_source(src: SourceConfig, files: list[str] | None = None) -> datasets.IterableDataset:
+    """A streaming dataset of `{"id", "text"}`, one shard per file: all the source's files, or only
+    `files` (a subset of `source_files(src)`, e.g. one rank's share)."""
+    files = source_files(src) if files is None else list(files)
+    if not files:
+        raise DataError(f"data source '{src.name or src.path}': no files to stream")
+    if src.name is not None:
+        return datasets.IterableDataset.from_generator(_gen_bbc, gen_kwargs={"files": files}, features=FEATURES)
     return datasets.IterableDataset.from_generator(
         _gen_files,
         gen_kwargs={"files": files, "fmt": src.format, "text_column": src.text_column,
