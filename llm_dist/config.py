@@ -41,7 +41,7 @@ class SourceConfig:
     format: str | None = None  # text | json | csv | parquet (default: from the extension)
     weight: float = 1.0  # sampling weight in a mix of several sources
     text_column: str = "text"
-    id_column: str | None = None  # default: "<file stem>:<row number>"
+    id_column: str | None = None  # default: "<file>:<row>" (data/sources.py file_ids)
     # keep evaluation data out of pretraining: drop documents whose id is in this file (one id a line) …
     exclude_ids: str | None = None
     # … or in the validation/test splits of this classify config (e.g. the fine-tuning run that follows)
