@@ -197,6 +197,25 @@ def test_rank_split_of_local_files(tmp_path):
     assert sorted(runs[0][0] + runs[1][0]) == sorted(f"a:{i}" for i in range(9)) and len(runs[0][0]) == 5
 
 
+def test_rank_whose_files_are_all_excluded_moves_to_the_next_epoch(tmp_path, tok):
+    """Two files, two ranks, one file all evaluation ids (excluded): in each epoch one rank's share is
+    empty; the start-up check passes and both ranks' streams go on (the next epochs give them the other file)."""
+    from llm_dist.data.mlm import check_sources
+
+    d = tmp_path / "mix"
+    d.mkdir()
+    (d / "pretrain.txt").write_text("".join(f"pretraining text number {i} with some words\n" for i in range(300)))
+    (d / "test.txt").write_text("".join(f"held back test text {i}\n" for i in range(50)))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"test:{i}\n" for i in range(50)))
+    src = [SourceConfig(path=str(d), exclude_ids=str(ids))]
+    data = DataConfig(sources=src, seq_len=32, shuffle_buffer=1, eval_fraction=0)
+    for rank in range(2):
+        check_sources(src, rank, 2, 0.0, seed=0)
+        seqs = take(iter(PackedStream(src, tok, data, 0, rank, 2)), 200)  # > one epoch of the 300 documents
+        assert all(d.startswith("pretrain:") for s in seqs for d in s["doc_ids"])
+
+
 def test_dataloader_workers_split_files_once(tok):
     """With DataLoader workers each worker streams its own group of files (ranks x workers groups): the
     held-out pass over 2 workers yields every held-out document exactly once."""

@@ -99,6 +99,9 @@ def rank_files(files: list[str], rank: int, world_size: int) -> list[str] | None
     return list(files[cuts[rank]:cuts[rank + 1]])
 
 
+MAX_EMPTY_EPOCHS = 32  # consecutive epochs without a document for a rank before its stream gives up
+CHECK_EPOCHS = 4  # epochs check_sources tries for a rank's first document
+
 _EXCLUDED: dict = {}
 
 
@@ -162,6 +165,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         st, L = self._state, self.seq_len
         worker = torch.utils.data.get_worker_info()  # DataLoader workers split this rank's share again
         n_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        empty_epochs = 0
         while True:
             ds = document_stream(self.sources, self.seed, st["epoch"], self.rank * n_workers + worker_id,
                                  self.world_size * n_workers, self.data.eval_fraction, want_heldout=self.eval_split)
@@ -201,10 +205,16 @@ class PackedStream(torch.utils.data.IterableDataset):
             # end of an epoch
             st["stream"] = None
             if whole_epoch and read == 0 and not self.eval_split:
-                # without this an empty source (or an empty share of one) would spin here for ever
-                names = ", ".join(source_name(s) for s in self.sources)
-                raise DataError(f"data.sources ({names}): no documents for rank {self.rank} of {self.world_size} "
-                                f"in epoch {st['epoch']}")
+                # A rank's files can hold no training document in one epoch (all excluded or held out) and
+                # some in the next, whose file order differs; but an empty source (or a share empty in
+                # every epoch) would spin here for ever.
+                empty_epochs += 1
+                if empty_epochs >= MAX_EMPTY_EPOCHS:
+                    names = ", ".join(source_name(s) for s in self.sources)
+                    raise DataError(f"data.sources ({names}): no documents for rank {self.rank} of {self.world_size} "
+                                    f"in epochs {st['epoch'] - empty_epochs + 1}-{st['epoch']}")
+            elif read:
+                empty_epochs = 0
             if self.eval_split:
                 return
             st["epoch"] += 1
@@ -265,10 +275,11 @@ def source_name(src: SourceConfig) -> str:
 
 
 def check_sources(sources: list[SourceConfig], rank: int, world_size: int, heldout_fraction: float,
-                  accelerator=None) -> None:
+                  accelerator=None, seed: int = 0) -> None:
     """Fail fast, before any slow work, on a source with no documents, or a rank whose share of the
     training documents is empty (every rank checks its own share; the verdict is agreed over ranks so
-    they all stop with the same one-line error instead of one of them waiting for ever)."""
+    they all stop with the same one-line error instead of one of them waiting for ever). A share of whole
+    files may be empty in one epoch only (its files all excluded or held out): the first epochs are tried."""
     for i, src in enumerate(sources):
         ds = stream_source(src)
         excluded = excluded_ids(src)
@@ -277,7 +288,11 @@ def check_sources(sources: list[SourceConfig], rank: int, world_size: int, heldo
         if next(iter(ds), None) is None:
             what = "after excluding evaluation ids " if excluded else ""
             raise DataError(f"config key 'data.sources.{i}' ({source_name(src)}): no documents {what}".rstrip())
-    mine = next(iter(document_stream(sources, 0, 0, rank, world_size, heldout_fraction, False)), None)
+    mine = None
+    for epoch in range(CHECK_EPOCHS):
+        mine = next(iter(document_stream(sources, seed, epoch, rank, world_size, heldout_fraction, False)), None)
+        if mine is not None:
+            break
     empty = torch.tensor([float(mine is None)])
     if accelerator is not None and world_size > 1:
         empty = accelerator.reduce(empty.to(accelerator.device), reduction="sum").cpu()

@@ -23,7 +23,7 @@ class MLMTask:
         self.cfg, self.acc = cfg, accelerator
         # an empty source (or rank share) is an error now, not a silent spin after tokenizer training
         check_sources(cfg.data.sources, accelerator.process_index, accelerator.num_processes, cfg.data.eval_fraction,
-                      accelerator)
+                      accelerator, seed=cfg.seed)
         self.tokenizer = get_tokenizer(cfg, accelerator, lambda n: iter_texts(cfg.data.sources, n))
         self.model = build_mlm_model(cfg, self.tokenizer)
         self.collator = MLMCollator(self.tokenizer, cfg.mlm)
