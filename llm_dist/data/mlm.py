@@ -346,7 +346,8 @@ class MLMCollator:
         special = torch.stack([e["special_tokens_mask"] for e in examples])
         if self.whole_word:
             if "offset_mapping" not in examples[0]:
-                raise ValueError("whole-word masking needs the sequences' offset_mapping (PackedStream(with_offsets=True))")
+                raise ValueError("whole-word masking needs the sequences' offset_mapping "
+                                 "(PackedStream(with_offsets=True))")
             offsets = torch.stack([e["offset_mapping"] for e in examples])
             inputs, labels = self.whole_word_mask(input_ids, special, offsets)
         else:
@@ -361,7 +362,7 @@ class MLMCollator:
         inputs, labels = input_ids.clone(), input_ids.clone()
         special = special.bool()
         starts = word_starts(offsets, special)
-        # the word of each token: the index of its first piece (-1 for special tokens)
+        # the word of each token: the position of its first piece (special tokens are never masked)
         pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         head = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
         # one draw per word (made at its first piece), shared by all its pieces

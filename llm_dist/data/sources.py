@@ -11,8 +11,8 @@ for files in one folder, `en/part-0` in sub-folders), `<row>` the 0-based record
 (`file_ids`). Stable across runs, ranks and machines, and unique across the files of a split.
 
 `stream_source` gives a `datasets.IterableDataset` of `{"id", "text"}` over a source's files, or over
-one rank's share of them (`data/mlm.py` `document_stream` hands whole files to ranks); `load_table` gives an in-memory `datasets.Dataset`
-for fine-tuning. Bad input raises `DataError` naming the file and line (`FILE:LINE`, 1-based; a CSV
+one rank's share of them (`data/mlm.py` `document_stream` hands whole files to ranks); `load_table`
+gives an in-memory `datasets.Dataset` for fine-tuning. Bad input raises `DataError` naming the file and line (`FILE:LINE`, 1-based; a CSV
 counts its header line) or, for formats without lines (JSON array, parquet, `save_to_disk`), `FILE: row N`
 (1-based).
 """
