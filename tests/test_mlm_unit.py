@@ -61,14 +61,172 @@ def test_whole_word_masking_masks_all_pieces(tok):
     assert 0.10 < masked.sum() / masked.numel() < 0.20
 
 
+def _words(seq: dict, tok) -> list[list[int]]:
+    """Token positions of each word of a sequence, from the tokens themselves: a `##` piece continues the
+    word before it (independent of the collator's offset-based rule)."""
+    toks = tok.convert_ids_to_tokens(seq["input_ids"].tolist())
+    special = seq["special_tokens_mask"].bool().tolist()
+    words: list[list[int]] = []
+    for i, (t, sp) in enumerate(zip(toks, special)):
+        if sp:
+            continue
+        if t.startswith("##") and words and words[-1][-1] == i - 1:
+            words[-1].append(i)
+        else:
+            words.append([i])
+    return words
+
+
+@pytest.mark.parametrize("mask_p, random_p", [(0.8, 0.1), (0.5, 0.4), (0.0, 1.0), (1.0, 0.0)])
+def test_whole_word_masking_honours_80_10_10_per_word(tok, mask_p, random_p):
+    """Over many batches, the [MASK] / random / kept shares of masked *words* match the config, every piece
+    of a picked word is predicted, and a word's pieces all get the same treatment."""
+    torch.manual_seed(1)
+    data = DataConfig(seq_len=128, shuffle_buffer=1)
+    seqs = take(iter(PackedStream(data.sources, tok, data, 0, 0, 1, with_offsets=True)), 160)
+    collate = MLMCollator(tok, MLMConfig(whole_word_masking=True, mask_replace_prob=mask_p, random_replace_prob=random_p))
+    counts = {"mask": 0, "random": 0, "keep": 0}
+    words_total = words_masked = multi_piece_masked = 0
+    for b in range(10):  # 10 batches of 16: fresh draws each
+        chunk = seqs[16 * b:16 * (b + 1)]
+        out = collate(chunk)
+        for row, seq in enumerate(chunk):
+            orig, inp, lab = seq["input_ids"], out["input_ids"][row], out["labels"][row]
+            assert (lab[seq["special_tokens_mask"].bool()] == -100).all()
+            for w in _words(seq, tok):
+                words_total += 1
+                m = lab[w] != -100
+                assert m.all() or not m.any(), "a word is masked partly"
+                if not m.any():
+                    assert torch.equal(inp[w], orig[w])
+                    continue
+                assert torch.equal(lab[w], orig[w])
+                words_masked += 1
+                multi_piece_masked += len(w) > 1
+                is_mask = inp[w] == tok.mask_token_id
+                is_keep = inp[w] == orig[w]
+                if is_mask.all():
+                    counts["mask"] += 1
+                elif is_keep.all():
+                    counts["keep"] += 1
+                else:  # random tokens for the whole word (a draw hits the original or [MASK] only by chance)
+                    assert (~is_mask & ~is_keep).float().mean() > 0.5
+                    counts["random"] += 1
+    assert multi_piece_masked > 50
+    assert 0.13 < words_masked / words_total < 0.17, words_masked / words_total
+    want = {"mask": mask_p, "random": random_p, "keep": 1 - mask_p - random_p}
+    for k, p in want.items():
+        share = counts[k] / words_masked
+        assert abs(share - p) < 0.03, (k, share, p, counts)  # ~2,400 masked words: 0.03 is > 4 sigma
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_seeded_collator_repeats_and_leaves_the_global_rng(tok, whole_word):
+    """Evaluation masks (MLMCollator(seed=…)): the same every time, and the training RNG is not drawn."""
+    data = DataConfig(seq_len=64, shuffle_buffer=1)
+    seqs = take(iter(PackedStream(data.sources, tok, data, 0, 0, 1, with_offsets=True)), 8)
+    mlm = MLMConfig(whole_word_masking=whole_word)
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a = MLMCollator(tok, mlm, seed=17)(seqs)
+    b = MLMCollator(tok, mlm, seed=17)(seqs)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    assert (a["labels"] != -100).any()
+
+
+def test_whole_word_masking_needs_offsets(tok):
+    data = DataConfig(seq_len=32, shuffle_buffer=1)
+    seqs = take(iter(PackedStream(data.sources, tok, data, 0, 0, 1)), 2)
+    with pytest.raises(ValueError, match="offset_mapping"):
+        MLMCollator(tok, MLMConfig(whole_word_masking=True))(seqs)
+
+
+def _rank_docs(src, rank, world, epoch=0, heldout=0.05, want_heldout=False):
+    """(ids this rank reads, files and documents it opened / read from disk)."""
+    from llm_dist.data import sources
+
+    sources.READS.update(files=0, documents=0)
+    ids = [ex["id"] for ex in document_stream(src, 0, epoch, rank, world, heldout, want_heldout=want_heldout)]
+    return ids, dict(sources.READS)
+
+
 def test_rank_split_is_disjoint_and_complete():
+    """Two ranks: disjoint, together complete, and each opens and reads only about half the files (its
+    own), not the whole corpus; the held-out documents are read apart."""
     src = [SourceConfig(name="bbc_news")]
-    ids = [[ex["id"] for ex in document_stream(src, 0, 0, r, 2, 0.05, want_heldout=False)] for r in range(2)]
-    held = [ex["id"] for ex in document_stream(src, 0, 0, 0, 1, 0.05, want_heldout=True)]
-    assert not set(ids[0]) & set(ids[1])
-    assert set(ids[0]) | set(ids[1]) | set(held) == {ex["id"] for ex in document_stream(src, 0, 0, 0, 1, 0, False)}
-    assert len(ids[0]) + len(ids[1]) + len(held) == 2225
-    assert 60 < len(held) < 170 and abs(len(ids[0]) - len(ids[1])) <= 1
+    (ids0, reads0), (ids1, reads1) = (_rank_docs(src, r, 2) for r in range(2))
+    held, _ = _rank_docs(src, 0, 1, want_heldout=True)
+    everything, reads_all = _rank_docs(src, 0, 1, heldout=0)
+    assert reads_all == {"files": 2225, "documents": 2225}
+    assert not set(ids0) & set(ids1) and not (set(ids0) | set(ids1)) & set(held)
+    assert set(ids0) | set(ids1) | set(held) == set(everything)
+    assert len(ids0) + len(ids1) + len(held) == 2225
+    assert 60 < len(held) < 170
+    assert reads0["files"] + reads1["files"] == 2225  # each file opened by exactly one rank
+    for reads in (reads0, reads1):
+        assert 0.45 < reads["files"] / 2225 < 0.55 and reads["documents"] == reads["files"]
+    assert abs(len(ids0) - len(ids1)) < 0.05 * 2225  # whole files balanced by bytes
+
+
+def test_rank_split_of_local_files(tmp_path):
+    """Local files (lines of different lengths, an uneven count): 3 ranks each open only their own files,
+    the shard order changes with the epoch and is the same on every rank; fewer files than ranks falls
+    back to one document in `world_size` (everything still read exactly once overall)."""
+    from llm_dist.data.mlm import epoch_order, rank_files
+
+    for k in range(7):
+        (tmp_path / f"part{k}.txt").write_text("".join(f"doc {k} {i} " + "w " * (k * 3 + i % 5) + "\n"
+                                                    for i in range(40 + 13 * k)))
+    src = [SourceConfig(path=str(tmp_path))]
+    total = sum(40 + 13 * k for k in range(7))
+    for epoch in (0, 1):
+        runs = [_rank_docs(src, r, 3, epoch=epoch, heldout=0) for r in range(3)]
+        ids = [set(i) for i, _ in runs]
+        assert sum(len(i) for i in ids) == total == len(set().union(*ids))
+        assert sum(r["files"] for _, r in runs) == 7 and all(r["files"] >= 1 for _, r in runs)
+        assert [r["documents"] for _, r in runs] == [len(i) for i in ids]  # nothing read that is not kept
+    files = sorted(str(p) for p in tmp_path.glob("*.txt"))
+    assert epoch_order(files, 0, 0, 0) != epoch_order(files, 0, 0, 1)  # reshuffled each epoch …
+    assert epoch_order(files, 0, 0, 1) == epoch_order(list(files), 0, 0, 1)  # … the same on every rank
+    groups = [rank_files(epoch_order(files, 0, 0, 1), r, 3) for r in range(3)]
+    assert sum(groups, []) == epoch_order(files, 0, 0, 1)
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "a.txt").write_text("".join(f"line {i}\n" for i in range(9)))
+    runs = [_rank_docs([SourceConfig(path=str(one))], r, 2, heldout=0) for r in range(2)]
+    assert sorted(runs[0][0] + runs[1][0]) == sorted(f"a:{i}" for i in range(9)) and len(runs[0][0]) == 5
+
+
+def test_rank_whose_files_are_all_excluded_moves_to_the_next_epoch(tmp_path, tok):
+    """Two files, two ranks, one file all evaluation ids (excluded): in each epoch one rank's share is
+    empty; the start-up check passes and both ranks' streams go on (the next epochs give them the other file)."""
+    from llm_dist.data.mlm import check_sources
+
+    d = tmp_path / "mix"
+    d.mkdir()
+    (d / "pretrain.txt").write_text("".join(f"pretraining text number {i} with some words\n" for i in range(300)))
+    (d / "test.txt").write_text("".join(f"held back test text {i}\n" for i in range(50)))
+    ids = tmp_path / "ids.txt"
+    ids.write_text("".join(f"test:{i}\n" for i in range(50)))
+    src = [SourceConfig(path=str(d), exclude_ids=str(ids))]
+    data = DataConfig(sources=src, seq_len=32, shuffle_buffer=1, eval_fraction=0)
+    for rank in range(2):
+        check_sources(src, rank, 2, 0.0, seed=0)
+        seqs = take(iter(PackedStream(src, tok, data, 0, rank, 2)), 200)  # > one epoch of the 300 documents
+        assert all(d.startswith("pretrain:") for s in seqs for d in s["doc_ids"])
+
+
+def test_dataloader_workers_split_files_once(tok):
+    """With DataLoader workers each worker streams its own group of files (ranks x workers groups): the
+    held-out pass over 2 workers yields every held-out document exactly once."""
+    data = DataConfig(seq_len=64, shuffle_buffer=1)
+    want, _ = _rank_docs(data.sources, 0, 1, want_heldout=True)
+    ps = PackedStream(data.sources, tok, data, 0, 0, 1, eval_split=True)
+    items = list(torch.utils.data.DataLoader(ps, batch_size=None, num_workers=2))
+    single = list(PackedStream(data.sources, tok, data, 0, 0, 1, eval_split=True))
+    assert {d for item in items for d in item["doc_ids"]} == set(want)  # none lost …
+    assert len(single) - 1 <= len(items) <= len(single)  # … none twice (each worker drops a partial sequence)
 
 
 def test_weighted_mix_of_sources(tmp_path):

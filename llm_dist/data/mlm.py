@@ -8,16 +8,18 @@ resumed run continues with exactly the next batch without replaying the stream.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from typing import Iterator
 
 import datasets
+import numpy as np
 import torch
 from datasets.distributed import split_dataset_by_node
 from transformers import DataCollatorForLanguageModeling
 
 from ..config import DataConfig, MLMConfig, SourceConfig
-from .sources import DataError, stream_source
+from .sources import DataError, source_files, stream_source
 
 
 def is_heldout(doc_id: str, fraction: float) -> bool:
@@ -30,30 +32,75 @@ def is_heldout(doc_id: str, fraction: float) -> bool:
 
 def document_stream(sources: list[SourceConfig], seed: int, epoch: int, rank: int, world_size: int,
                     heldout_fraction: float, want_heldout: bool) -> datasets.IterableDataset:
-    """The documents this rank reads in `epoch`: shards shuffled by (seed, epoch), sources mixed by
-    weight, held-out documents kept or dropped, then split across ranks (disjoint and complete)."""
+    """The documents this rank reads in `epoch`, disjoint from every other rank's and together complete.
+
+    Per source: the file order is shuffled by (seed, source, epoch) — the same order on every rank —
+    and cut into `world_size` contiguous groups of whole files balanced by bytes (`rank_files`); this
+    rank streams only its own group, so it opens, reads and filters only its share. A source with fewer
+    files than ranks is read whole by every rank and split by example (every `world_size`-th kept
+    document). Then excluded ids are dropped, held-out documents kept or dropped (by a hash of the id),
+    and several sources mixed by weight. (`world_size` here counts DataLoader workers too.)"""
     streams = []
     for i, src in enumerate(sources):
-        ds = stream_source(src)
+        files = epoch_order(source_files(src), seed, i, epoch)
+        mine = rank_files(files, rank, world_size)
+        ds = stream_source(src, files if mine is None else mine)
         excluded = excluded_ids(src)
         if excluded:
             ds = ds.filter(lambda ex, ids=excluded: ex["id"] not in ids)
-        if ds.num_shards > 1:  # shard (file) order shuffle; deterministic, no example buffer to lose on resume
-            ds = ds.shuffle(seed=seed + 1000 * i, buffer_size=1)
-            ds.set_epoch(epoch)
+        if heldout_fraction > 0:
+            ds = ds.filter(lambda ex: is_heldout(ex["id"], heldout_fraction) == want_heldout)
+        if mine is None and world_size > 1:  # fewer files than ranks: one example in `world_size`
+            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         streams.append(ds)
     if len(streams) == 1:
-        ds = streams[0]
-    else:
-        weights = [s.weight for s in sources]
-        total = sum(weights)
-        ds = datasets.interleave_datasets(
-            streams, probabilities=[w / total for w in weights], seed=seed + epoch, stopping_strategy="all_exhausted"
-        )
-    if heldout_fraction > 0:
-        ds = ds.filter(lambda ex: is_heldout(ex["id"], heldout_fraction) == want_heldout)
-    return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        return streams[0]
+    weights = [s.weight for s in sources]
+    total = sum(weights)
+    return datasets.interleave_datasets(
+        streams, probabilities=[w / total for w in weights], seed=seed + epoch, stopping_strategy="all_exhausted"
+    )
 
+
+def epoch_order(files: list[str], seed: int, source_index: int, epoch: int) -> list[str]:
+    """The source's files in the order of `epoch`: a permutation drawn from (seed, source, epoch) only,
+    so every rank (and a resumed run) computes the same one."""
+    perm = np.random.default_rng([seed, source_index, epoch]).permutation(len(files))
+    return [files[j] for j in perm]
+
+
+_SIZES: dict[str, int] = {}
+
+
+def _size(file: str) -> int:
+    if file not in _SIZES:
+        _SIZES[file] = max(os.path.getsize(file), 1)
+    return _SIZES[file]
+
+
+def rank_files(files: list[str], rank: int, world_size: int) -> list[str] | None:
+    """Rank `rank`'s share of `files` (in their order): the `rank`-th of `world_size` contiguous groups
+    of whole files with about equal bytes, each group at least one file. None when there are fewer files
+    than ranks (the caller then splits by example)."""
+    n = len(files)
+    if world_size <= 1:
+        return list(files)
+    if n < world_size:
+        return None
+    cum = np.cumsum([0] + [_size(f) for f in files])
+    cuts = [0]
+    for k in range(1, world_size):
+        target = cum[-1] * k / world_size
+        j = int(np.searchsorted(cum, target))  # the first file boundary at or past the target bytes …
+        if j > 0 and target - cum[j - 1] < cum[j] - target:
+            j -= 1  # … or the one before it, if closer
+        cuts.append(min(max(j, cuts[-1] + 1), n - (world_size - k)))  # every group keeps >= 1 file
+    cuts.append(n)
+    return list(files[cuts[rank]:cuts[rank + 1]])
+
+
+MAX_EMPTY_EPOCHS = 32  # consecutive epochs without a document for a rank before its stream gives up
+CHECK_EPOCHS = 4  # epochs check_sources tries for a rank's first document
 
 _EXCLUDED: dict = {}
 
@@ -118,6 +165,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         st, L = self._state, self.seq_len
         worker = torch.utils.data.get_worker_info()  # DataLoader workers split this rank's share again
         n_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        empty_epochs = 0
         while True:
             ds = document_stream(self.sources, self.seed, st["epoch"], self.rank * n_workers + worker_id,
                                  self.world_size * n_workers, self.data.eval_fraction, want_heldout=self.eval_split)
@@ -126,7 +174,7 @@ class PackedStream(torch.utils.data.IterableDataset):
             whole_epoch, read = st["stream"] is None, 0
             batch: list[str] = []
             doc_ids: list[str] = []
-            it = iter(ds)
+            it = _examples(ds)
             exhausted = False
             while not exhausted:
                 try:
@@ -157,10 +205,16 @@ class PackedStream(torch.utils.data.IterableDataset):
             # end of an epoch
             st["stream"] = None
             if whole_epoch and read == 0 and not self.eval_split:
-                # without this an empty source (or an empty share of one) would spin here for ever
-                names = ", ".join(source_name(s) for s in self.sources)
-                raise DataError(f"data.sources ({names}): no documents for rank {self.rank} of {self.world_size} "
-                                f"in epoch {st['epoch']}")
+                # A rank's files can hold no training document in one epoch (all excluded or held out) and
+                # some in the next, whose file order differs; but an empty source (or a share empty in
+                # every epoch) would spin here for ever.
+                empty_epochs += 1
+                if empty_epochs >= MAX_EMPTY_EPOCHS:
+                    names = ", ".join(source_name(s) for s in self.sources)
+                    raise DataError(f"data.sources ({names}): no documents for rank {self.rank} of {self.world_size} "
+                                    f"in epochs {st['epoch'] - empty_epochs + 1}-{st['epoch']}")
+            elif read:
+                empty_epochs = 0
             if self.eval_split:
                 return
             st["epoch"] += 1
@@ -194,6 +248,13 @@ class PackedStream(torch.utils.data.IterableDataset):
         return out
 
 
+def _examples(ds: datasets.IterableDataset) -> Iterator[dict]:
+    """The stream's examples. Not `iter(ds)`: inside a DataLoader worker that would split the shards
+    across workers a second time, though `document_stream` already gave this worker only its own share."""
+    for batch in ds.iter(batch_size=1):
+        yield {k: v[0] for k, v in batch.items()}
+
+
 def _take_docs(runs: list[list], n: int) -> list[str]:
     """Pop `n` tokens' worth of [doc id, tokens left] runs; the ids of the documents they belong to."""
     out = []
@@ -214,10 +275,11 @@ def source_name(src: SourceConfig) -> str:
 
 
 def check_sources(sources: list[SourceConfig], rank: int, world_size: int, heldout_fraction: float,
-                  accelerator=None) -> None:
+                  accelerator=None, seed: int = 0) -> None:
     """Fail fast, before any slow work, on a source with no documents, or a rank whose share of the
     training documents is empty (every rank checks its own share; the verdict is agreed over ranks so
-    they all stop with the same one-line error instead of one of them waiting for ever)."""
+    they all stop with the same one-line error instead of one of them waiting for ever). A share of whole
+    files may be empty in one epoch only (its files all excluded or held out): the first epochs are tried."""
     for i, src in enumerate(sources):
         ds = stream_source(src)
         excluded = excluded_ids(src)
@@ -226,7 +288,11 @@ def check_sources(sources: list[SourceConfig], rank: int, world_size: int, heldo
         if next(iter(ds), None) is None:
             what = "after excluding evaluation ids " if excluded else ""
             raise DataError(f"config key 'data.sources.{i}' ({source_name(src)}): no documents {what}".rstrip())
-    mine = next(iter(document_stream(sources, 0, 0, rank, world_size, heldout_fraction, False)), None)
+    mine = None
+    for epoch in range(CHECK_EPOCHS):
+        mine = next(iter(document_stream(sources, seed, epoch, rank, world_size, heldout_fraction, False)), None)
+        if mine is not None:
+            break
     empty = torch.tensor([float(mine is None)])
     if accelerator is not None and world_size > 1:
         empty = accelerator.reduce(empty.to(accelerator.device), reduction="sum").cpu()
@@ -244,20 +310,81 @@ def _tuple_state(state):
 
 
 class MLMCollator:
-    """Stack packed sequences and apply dynamic masking (80/10/10 or whole-word) with transformers'
-    `DataCollatorForLanguageModeling`; masking draws from the global torch RNG, which checkpoints save."""
+    """Stack packed sequences and apply dynamic masking; draws come from the global torch RNG, which
+    checkpoints save (or, with `seed`, from a generator of that seed: evaluation masks, comparable
+    between evals and leaving the training RNG untouched).
 
-    def __init__(self, tokenizer, mlm: MLMConfig):
-        self.inner = DataCollatorForLanguageModeling(
-            tokenizer, mlm=True, mlm_probability=mlm.mlm_probability, whole_word_mask=mlm.whole_word_masking,
-            mask_replace_prob=1.0 if mlm.whole_word_masking else mlm.mask_replace_prob,
-            random_replace_prob=0.0 if mlm.whole_word_masking else mlm.random_replace_prob,
+    - Token masking: transformers' `DataCollatorForLanguageModeling` (`mlm_probability` of the non-special
+      tokens; of those `mask_replace_prob` become [MASK], `random_replace_prob` a random token, the rest
+      stay as they are).
+    - Whole-word masking (`whole_word_masking: true`, needs the sequences' `offset_mapping`): words are
+      picked with probability `mlm_probability` (a word = a token starting after a gap in the text, or
+      after a special token, plus the pieces that continue it) and every piece of a picked word is
+      predicted. The 80/10/10 choice is made **per word**, so a word is either all [MASK], all random
+      tokens or all kept. transformers 5's collator cannot do this: with `whole_word_mask` it sets
+      `mask_replace_prob=1` (100% [MASK]) whatever it is given, so it is done here."""
+
+    def __init__(self, tokenizer, mlm: MLMConfig, seed: int | None = None):
+        self.mlm = mlm
+        self.whole_word = mlm.whole_word_masking
+        self.mask_id = tokenizer.mask_token_id
+        self.vocab = len(tokenizer)
+        self.inner = None if self.whole_word else DataCollatorForLanguageModeling(
+            tokenizer, mlm=True, mlm_probability=mlm.mlm_probability,
+            mask_replace_prob=mlm.mask_replace_prob, random_replace_prob=mlm.random_replace_prob,
         )
+        self.generator = None
+        if seed is not None:
+            if self.inner is not None:
+                self.inner.seed = seed
+                self.inner.create_rng("pt")
+            else:
+                self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, examples: list[dict]) -> dict:
         input_ids = torch.stack([e["input_ids"] for e in examples])
         special = torch.stack([e["special_tokens_mask"] for e in examples])
-        offsets = torch.stack([e["offset_mapping"] for e in examples]) if "offset_mapping" in examples[0] else None
-        inputs, labels = self.inner.torch_mask_tokens(input_ids, special_tokens_mask=special, offset_mapping=offsets)
+        if self.whole_word:
+            if "offset_mapping" not in examples[0]:
+                raise ValueError("whole-word masking needs the sequences' offset_mapping "
+                                 "(PackedStream(with_offsets=True))")
+            offsets = torch.stack([e["offset_mapping"] for e in examples])
+            inputs, labels = self.whole_word_mask(input_ids, special, offsets)
+        else:
+            inputs, labels = self.inner.torch_mask_tokens(input_ids, special_tokens_mask=special)
         return {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs),
                 "doc_ids": [e.get("doc_ids", []) for e in examples]}
+
+    def whole_word_mask(self, input_ids: torch.Tensor, special: torch.Tensor,
+                        offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) with whole words masked and the mask / random / keep split drawn per word."""
+        m = self.mlm
+        inputs, labels = input_ids.clone(), input_ids.clone()
+        special = special.bool()
+        starts = word_starts(offsets, special)
+        # the word of each token: the position of its first piece (special tokens are never masked)
+        pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        head = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+        # one draw per word (made at its first piece), shared by all its pieces
+        g = self.generator
+        pick = torch.rand(input_ids.shape, generator=g) < m.mlm_probability
+        how = torch.rand(input_ids.shape, generator=g)
+        masked = (pick & starts).gather(1, head) & ~special
+        how = how.gather(1, head)
+        labels[~masked] = -100
+        to_mask = masked & (how < m.mask_replace_prob)
+        to_random = masked & ~to_mask & (how < m.mask_replace_prob + m.random_replace_prob)
+        inputs[to_mask] = self.mask_id
+        random_ids = torch.randint(self.vocab, input_ids.shape, dtype=torch.long, generator=g)
+        inputs[to_random] = random_ids[to_random]
+        return inputs, labels
+
+
+def word_starts(offsets: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+    """True at the first piece of each word: a non-special token whose text does not continue the previous
+    token's (a gap in the character offsets), or that follows a special token or starts the sequence."""
+    prev_end = torch.roll(offsets[..., 1], 1, dims=1)
+    prev_special = torch.roll(special, 1, dims=1)
+    new = (offsets[..., 0] != prev_end) | prev_special
+    new[:, 0] = True
+    return new & ~special

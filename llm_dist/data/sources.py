@@ -4,9 +4,15 @@
   ids are `business/001` … (topic folder / file stem), stable across runs and machines.
 - local files: text (one document per non-empty line), jsonl/json, csv, parquet, or a glob/dir of them.
 
-`stream_source` gives a `datasets.IterableDataset` (one shard per file, so `split_dataset_by_node`
-can hand whole files to ranks) of `{"id", "text"}`; `load_table` gives an in-memory `datasets.Dataset`
-for fine-tuning. Bad input raises `DataError` naming the file and line (`FILE:LINE`, 1-based; a CSV
+Ids of local files, one scheme everywhere (MLM streams, classify splits, the audit, `exclude_ids`): the
+`id_column` when given, else `<file>:<row>` — `<file>` the file's path relative to the folder holding all
+the files of that source / split, without its extension (`train` for a lone `data/train.jsonl`, `part-0`
+for files in one folder, `en/part-0` in sub-folders), `<row>` the 0-based record number within the file
+(`file_ids`). Stable across runs, ranks and machines, and unique across the files of a split.
+
+`stream_source` gives a `datasets.IterableDataset` of `{"id", "text"}` over a source's files, or over
+one rank's share of them (`data/mlm.py` `document_stream` hands whole files to ranks); `load_table`
+gives an in-memory `datasets.Dataset` for fine-tuning. Bad input raises `DataError` naming the file and line (`FILE:LINE`, 1-based; a CSV
 counts its header line) or, for formats without lines (JSON array, parquet, `save_to_disk`), `FILE: row N`
 (1-based).
 """
@@ -73,6 +79,20 @@ def resolve_files(path: str) -> list[Path]:
     return files
 
 
+def file_ids(files: list) -> list[str]:
+    """The id prefix of each of a source's / split's files (module docstring): its path relative to the
+    files' common folder, without the extension (kept where two files would otherwise share a prefix)."""
+    paths = [Path(os.path.abspath(f)) for f in files]
+    if not paths:
+        return []
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    rel = [p.relative_to(root) for p in paths]
+    out = [r.with_suffix("").as_posix() for r in rel]
+    if len(set(out)) < len(out):
+        out = [r.as_posix() for r in rel]
+    return out
+
+
 def file_format(file: Path, fmt: str | None = None) -> str:
     if fmt:
         return fmt
@@ -83,19 +103,20 @@ def file_format(file: Path, fmt: str | None = None) -> str:
 
 
 def iter_file(file: Path, fmt: str | None, text_column: str, id_column: str | None,
-              extra_columns: tuple[str, ...] = ()) -> Iterator[dict]:
+              extra_columns: tuple[str, ...] = (), id_prefix: str | None = None) -> Iterator[dict]:
     """Rows of one file as dicts with `id` and `text` (plus `extra_columns` when present)."""
-    for _, rec in iter_rows(file, fmt, text_column, id_column, extra_columns):
+    for _, rec in iter_rows(file, fmt, text_column, id_column, extra_columns, id_prefix):
         yield rec
 
 
 def iter_rows(file: Path, fmt: str | None, text_column: str, id_column: str | None,
-              extra_columns: tuple[str, ...] = ()) -> Iterator[tuple[str, dict]]:
+              extra_columns: tuple[str, ...] = (), id_prefix: str | None = None) -> Iterator[tuple[str, dict]]:
     """`(where, row)` for each row of one file: `where` is `FILE:LINE` (1-based; a CSV counts its header
     line, so its first data row is line 2) for line-based formats, `FILE: row N` (1-based) for a JSON
-    array and parquet, which have no lines. Messages about a row name it so."""
+    array and parquet, which have no lines. Messages about a row name it so. Without an `id_column`
+    the row's id is `<id_prefix>:<record number>` (default prefix: the file's stem; see `file_ids`)."""
     fmt = file_format(file, fmt)
-    stem = file.stem
+    stem = file.stem if id_prefix is None else id_prefix
 
     def row(i: int, rec, where: str) -> tuple[str, dict]:
         if not isinstance(rec, dict):
@@ -137,6 +158,7 @@ def iter_rows(file: Path, fmt: str | None, text_column: str, id_column: str | No
                 for i, rec in enumerate(records):
                     yield row(i, rec, f"{file}: row {i + 1}")
                 return
+            n = 0
             for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
@@ -146,7 +168,8 @@ def iter_rows(file: Path, fmt: str | None, text_column: str, id_column: str | No
                     raise DataError(f"{file}:{lineno}: not valid UTF-8") from None
                 except json.JSONDecodeError as e:
                     raise DataError(f"{file}:{lineno}: invalid JSON ({e.msg})") from None
-                yield row(lineno - 1, rec, f"{file}:{lineno}")
+                yield row(n, rec, f"{file}:{lineno}")  # the record number (blank lines are not records)
+                n += 1
     elif fmt == "csv":
         yield from _csv_rows(file, row)
     elif fmt == "parquet":
@@ -226,14 +249,23 @@ def _csv_rows(file: Path, row) -> Iterator[tuple[str, dict]]:
 
 
 # ----------------------------------------------------------------------------- streaming (MLM)
-def _gen_files(files: list[str], fmt: str | None, text_column: str, id_column: str | None):
-    for f in files:
-        for rec in iter_file(Path(f), fmt, text_column, id_column):
+# Data-path work done by this process: files opened and documents read by the streaming generators
+# (bench/data_path.py and the rank-split tests read it; a rank should only ever touch its own share).
+READS = {"files": 0, "documents": 0}
+
+
+def _gen_files(files: list[str], prefixes: list[str], fmt: str | None, text_column: str, id_column: str | None):
+    for f, prefix in zip(files, prefixes):
+        READS["files"] += 1
+        for rec in iter_file(Path(f), fmt, text_column, id_column, id_prefix=prefix):
+            READS["documents"] += 1
             yield {"id": rec["id"], "text": rec["text"]}
 
 
 def _gen_bbc(files: list[str]):
     for f in files:
+        READS["files"] += 1
+        READS["documents"] += 1
         rec = _bbc_record(Path(f))
         yield {"id": rec["id"], "text": rec["text"]}
 
@@ -241,20 +273,32 @@ def _gen_bbc(files: list[str]):
 FEATURES = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")})
 
 
-def stream_source(src: SourceConfig) -> datasets.IterableDataset:
-    """A streaming dataset of `{"id", "text"}`, one shard per file."""
+def source_files(src: SourceConfig) -> list[str]:
+    """All files of a source, in a fixed (sorted) order — the same list on every rank."""
     if src.name is not None:
         if src.name != "bbc_news":
             raise DataError(f"data source '{src.name}': unknown (built-in sources: bbc_news)")
-        files = [str(f) for f in bbc_news_files()]
-        return datasets.IterableDataset.from_generator(_gen_bbc, gen_kwargs={"files": files}, features=FEATURES)
+        return [str(f) for f in bbc_news_files()]
     files = [str(f) for f in resolve_files(src.path)]
     for f in files:
         file_format(Path(f), src.format)  # fail early on an unknown extension
+    return files
+
+
+def stream_source(src: SourceConfig, files: list[str] | None = None) -> datasets.IterableDataset:
+    """A streaming dataset of `{"id", "text"}`, one shard per file: all the source's files, or only
+    `files` (a subset of `source_files(src)`, e.g. one rank's share)."""
+    every = source_files(src)
+    files = every if files is None else list(files)
+    if not files:
+        raise DataError(f"data source '{src.name or src.path}': no files to stream")
+    if src.name is not None:
+        return datasets.IterableDataset.from_generator(_gen_bbc, gen_kwargs={"files": files}, features=FEATURES)
+    prefix = dict(zip(every, file_ids(every)))  # ids from the whole source's files, whatever the share
     return datasets.IterableDataset.from_generator(
         _gen_files,
-        gen_kwargs={"files": files, "fmt": src.format, "text_column": src.text_column,
-                    "id_column": src.id_column},
+        gen_kwargs={"files": files, "prefixes": [prefix[f] for f in files], "fmt": src.format,
+                    "text_column": src.text_column, "id_column": src.id_column},
         features=FEATURES,
     )
 
@@ -286,13 +330,16 @@ def load_table(path: str, text_column: str, label_column: str | None, id_column:
             raise DataError(f"{path}: a DatasetDict; point data.train/validation/test at one split")
         rows = ds.to_list()
         wheres = [f"{path}: row {i + 1}" for i in range(len(rows))]
+        row_ids = [f"{p.name}:{i}" for i in range(len(rows))]
     else:
-        rows, wheres = [], []
+        rows, wheres, row_ids = [], [], []
         extra = tuple(c for c in (label_column, text_pair_column, id_column) if c)
-        for f in resolve_files(path):
-            for w, r in iter_rows(f, None, text_column, id_column, extra):
+        files = resolve_files(path)
+        for f, prefix in zip(files, file_ids(files)):
+            for w, r in iter_rows(f, None, text_column, id_column, extra, id_prefix=prefix):
                 rows.append(r)
                 wheres.append(w)
+                row_ids.append(r["id"])
     if not rows:
         raise DataError(f"{path}: empty dataset")
     out = {"id": [], "text": []}
@@ -306,10 +353,10 @@ def load_table(path: str, text_column: str, label_column: str | None, id_column:
             raise DataError(f"{where}: no column '{text_column}'")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: empty text in column '{text_column}'")
-        # ids: the id column when named, else the row number (as `llm-dist audit --data` numbers rows)
+        # ids: the id column when named, else `<file>:<row>` (module docstring; `llm-dist audit` uses the same)
         if id_column and r.get(id_column) is None:
             raise DataError(f"{where}: no column '{id_column}' (the id column)")
-        out["id"].append(str(r[id_column]) if id_column else str(i))
+        out["id"].append(str(r[id_column]) if id_column else row_ids[i])
         out["text"].append(text)
         if text_pair_column:
             if text_pair_column not in r:
@@ -320,7 +367,7 @@ def load_table(path: str, text_column: str, label_column: str | None, id_column:
                 raise DataError(f"{where}: no label in column '{label_column}'")
             out["label"].append(str(r[label_column]))
     if len(set(out["id"])) != len(out["id"]):
-        raise DataError(f"{path}: ids in column '{id_column or 'row number'}' are not unique")
+        raise DataError(f"{path}: ids in column '{id_column or 'file:row'}' are not unique")
     if with_where:
         out["where"] = wheres
     return datasets.Dataset.from_dict(out)

@@ -22,7 +22,7 @@ class MLMTask(Task):
         self.cfg, self.acc = cfg, accelerator
         # an empty source (or rank share) is an error now, not a silent spin after tokenizer training
         check_sources(cfg.data.sources, accelerator.process_index, accelerator.num_processes, cfg.data.eval_fraction,
-                      accelerator)
+                      accelerator, seed=cfg.seed)
         self.tokenizer = get_tokenizer(cfg, accelerator, lambda n: iter_texts(cfg.data.sources, n))
         self.model = build_mlm_model(cfg, self.tokenizer)
         self.collator = MLMCollator(self.tokenizer, cfg.mlm)
@@ -93,9 +93,7 @@ class MLMTask(Task):
         """Loss / perplexity / accuracy over the held-out stream (each rank its share), with masks drawn
         from a fixed seed so evals at different steps are comparable and training RNG is untouched."""
         model.eval()
-        collator = MLMCollator(self.tokenizer, self.cfg.mlm)
-        collator.inner.seed = self.cfg.seed + 17
-        collator.inner.create_rng("pt")
+        collator = MLMCollator(self.tokenizer, self.cfg.mlm, seed=self.cfg.seed + 17)
         loader = torch.utils.data.DataLoader(self._stream(eval_split=True), batch_size=self.cfg.batch_size,
                                              collate_fn=collator)
         totals = torch.zeros(3, device=self.acc.device, dtype=torch.float64)

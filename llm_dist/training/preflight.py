@@ -145,7 +145,12 @@ def check_data(cfg: RunConfig, world_size: int, pinned: Path | None):
         if cfg.data.audit and not Path(cfg.data.audit).is_file():
             raise DataError(f"config key 'data.audit': {cfg.data.audit} not found (run `llm-dist audit` first)")
         global_batch = cfg.batch_size * cfg.grad_accum * world_size
-        return load_splits(cfg, pinned=pinned, min_train=global_batch, for_training=True)
+        splits = load_splits(cfg, pinned=pinned, min_train=global_batch, for_training=True)
+        if cfg.data.audit and "test" in splits:  # the audit's ids must be this run's (else nothing would join)
+            from ..analysis.audit import leaked_ids
+
+            leaked_ids(cfg.data.audit, split="test", expected_ids=splits["test"]["id"])
+        return splits
     _check_sources(cfg)
     return None
 

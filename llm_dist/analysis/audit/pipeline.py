@@ -300,7 +300,10 @@ def merge(parts: list[Partial], progress: bool = True) -> tuple[dict, list[dict]
         if dup:
             raise AuditError(f"{where[n]}: id {dup[0]!r} is not unique ({len(dup)} repeated ids)")
     result: dict = {"splits": {}, "duplicates": {}, "leakage": [], "leakage_summary": {}, "quality": {},
-                    "pii": {}}
+                    "pii": {},
+                    # every id of the evaluation splits: a run joining leakage ids with its own split checks
+                    # the audit saw that split (llm_dist.analysis.audit.leaked_ids)
+                    "split_ids": {n: list(data[n]["id"]) for n in names if n != "train"}}
     flag_rows: list[dict] = []
     lsh_train = rep_train = groups_train = None
     # one set of histogram bins for all splits (comparable): up to the 99th percentile of all lengths

@@ -3,7 +3,9 @@
 Each split is streamed as `(pos, id, text, label, owned)` rows; `owned` says whether this shard
 (`shard` of `num_shards`) computes the row's features. A split of several files is sharded by file (a
 shard reads only its files); a single file or an in-memory split is sharded by row number.
-Ids: the `id_column` when given; otherwise the row number (one file) or `<file>:<row>` (several files).
+Ids: the `id_column` when given; otherwise `<file>:<row>`, the same ids training gives the same files
+(`llm_dist.data.sources.file_ids`: the file's path under the split's folder without extension, the
+0-based record number), so an audit's leakage ids join with the run's splits.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ...data.sources import DataError, iter_rows, resolve_files
+from ...data.sources import DataError, file_ids, iter_rows, resolve_files
 from .config import AuditError
 
 SPLIT_ORDER = ("train", "validation", "test")
@@ -36,7 +38,7 @@ class SplitSource:
             yield from self._dataset_rows(shard, num_shards, all_rows)
             return
         by_file = num_shards > 1 and len(self.files) >= num_shards
-        root = _common_root(self.files) if len(self.files) > 1 else None
+        prefixes = file_ids(self.files)
         extra = tuple(c for c in (self.label_column, self.id_column) if c)
         seen_label = None
         n = 0
@@ -44,14 +46,14 @@ class SplitSource:
             file_owned = (fno % num_shards == shard) if by_file else True
             if by_file and not file_owned and not all_rows:
                 continue
-            stem = str(file.resolve().relative_to(root).with_suffix("")) if root else None
-            for row, (where, rec) in enumerate(iter_rows(file, None, self.text_column, None, extra)):
+            rows = iter_rows(file, None, self.text_column, None, extra, id_prefix=prefixes[fno])
+            for row, (where, rec) in enumerate(rows):
                 if self.id_column:
                     if self.id_column not in rec:
                         raise DataError(f"{where}: no column '{self.id_column}'")
                     doc_id = str(rec[self.id_column])
                 else:
-                    doc_id = f"{stem}:{row}" if stem else str(row)
+                    doc_id = rec["id"]
                 label = None
                 if self.label_column:
                     if seen_label is None:
@@ -79,10 +81,6 @@ class SplitSource:
                         raise DataError(f"{self.where}: row {n + 1}: text is not a string ({type(text).__name__})")
                     yield (n, str(doc_id), text, None if label is None else str(label), owned)
                 n += 1
-
-
-def _common_root(files: list[Path]) -> Path:
-    return Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
 
 
 # ----------------------------------------------------------------------------- specs

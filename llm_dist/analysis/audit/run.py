@@ -13,7 +13,7 @@ from .config import AuditConfig, AuditError
 from .pipeline import load_partials, merge, save_partial, scan
 from .reader import open_sources
 
-AUDIT_VERSION = 1
+AUDIT_VERSION = 2  # 2: ids `<file>:<row>` for every file split (was: the row number for one file); split_ids
 
 
 def _prepare(spec: dict, cfg: AuditConfig, tokenizer: str | None):

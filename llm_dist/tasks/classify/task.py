@@ -130,7 +130,8 @@ class ClassifyTask(Task):
         path = Path(self.cfg.data.audit)
         if not path.exists():
             raise DataError(f"config key 'data.audit': {path} not found (run `llm-dist audit` first)")
-        return leaked_ids(str(path), split="test")
+        test = self.splits.get("test")  # the audit must have seen this run's test split (ids checked)
+        return leaked_ids(str(path), split="test", expected_ids=None if test is None else test["id"])
 
     def _loader(self, split: str):
         if split not in self._eval_loaders:
