@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 export WANDB_MODE ?= offline
 export WANDB_SILENT := true
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test quick venv bench clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
+
+# the quick subset for the daily loop (no multi-process launches, no SLURM, no DeepSpeed): a few minutes
+quick: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow and not slurm and not deepspeed" --durations=10 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) bench/mlm_throughput.py

@@ -43,6 +43,7 @@ def test_empty_source_is_one_line_error_not_a_spin(tmp_path, capsys):
     assert not out.exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_rank_with_empty_share_fails_on_every_rank(tmp_path):
     """One document, two ranks: rank 1's share is empty; both ranks agree and stop with one message."""
     one = tmp_path / "one.jsonl"
@@ -64,6 +65,7 @@ def _wait_for(pred, proc, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_during_tokenizer_training_ends_in_seconds(tmp_path):
     """Start-up: the tokenizer is being trained (nothing to save); SIGTERM ends the run at once, exit 0."""
     out = tmp_path / "run"
@@ -95,6 +97,7 @@ def _workers(proc):
         return []
 
 
+@pytest.mark.slow
 def test_signal_during_evaluation_checkpoints_the_step(tmp_path, tokenizer_dir):
     """Evaluation: a long held-out pass is cut at the next batch on every rank; the finished step is saved."""
     out = tmp_path / "run"
@@ -204,6 +207,7 @@ def test_skip_limit_then_stops(tmp_path, tokenizer_dir, capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- #8 secrets
+@pytest.mark.slow
 def test_wandb_key_never_written_or_printed(tmp_path, tokenizer_dir):
     secret = "0123456789abcdef0123456789abcdef01234567"
     out = tmp_path / "run"

@@ -14,6 +14,7 @@ import torch
 from conftest import ROOT, kill_tree, launch, launch_cmd, read_metrics, read_run, run_env
 
 CLS = "configs/classify/tiny.yaml"
+pytestmark = pytest.mark.slow
 
 
 class Recorder:

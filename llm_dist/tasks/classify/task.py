@@ -125,7 +125,7 @@ class ClassifyTask(Task):
     def _leaked_ids(self) -> set | None:
         if not self.cfg.data.audit:
             return None
-        from ..analysis.audit import leaked_ids
+        from ...analysis.audit import leaked_ids
 
         path = Path(self.cfg.data.audit)
         if not path.exists():
