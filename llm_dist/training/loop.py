@@ -119,10 +119,11 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
     bar = tqdm(total=total_steps if total_steps < 10**9 else None, initial=state["step"],
                disable=not main or not cfg.tracking.progress, desc=cfg.task, dynamic_ncols=True)
 
-    def log(row: dict):
+    def log(row: dict) -> dict:
         row = {"step": state["step"], **row}
-        cbs.on_log(ctx, row)
+        cbs.on_log(ctx, row)  # callbacks may add keys (throughput, …)
         writer.write(row)
+        return row
 
     def save_checkpoint():
         if not params_finite(model, acc):  # never write non-finite weights over good checkpoints
@@ -196,8 +197,7 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
         bar.update(1)
 
         if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
-            row = _train_row(window, micro, acc, model, scheduler, grad_norm, state, task, guard)
-            log(row)
+            row = log(_train_row(window, micro, acc, model, scheduler, grad_norm, state, task, guard))
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
             window = {"loss": 0.0, "count": 0.0, "sums": {}}
 
