@@ -49,6 +49,17 @@ class SourceConfig:
 
 
 @dataclass
+class LabelNoiseConfig:
+    """Planted label noise for testing detectors (training split only; flips are a function of the id, so
+    every rank, fold and rerun flips the same examples; the flipped ids go to `output_dir/noise.json`)."""
+
+    rate: float = 0.0  # fraction of training examples whose label is flipped
+    kind: str = "symmetric"  # symmetric (to a uniformly chosen other class) | pair (to the next class) |
+    #                          class_conditional (a seeded noise matrix: per-class rates around `rate`)
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     # --- MLM (streaming) ---
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(name="bbc_news")])
@@ -69,6 +80,7 @@ class DataConfig:
     max_length: int = 128
     group_by_length: bool = True
     drop_last: bool = False  # drop each epoch's last partial global batch (default: keep every example)
+    label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)
     pad_to_max_length: bool = False  # the seed recipe's padding='max_length' (for comparison)
     audit: str | None = None  # audit.json: report test metrics on all and on the clean subset
     num_workers: int = 0
@@ -190,6 +202,7 @@ class RunConfig:
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "malloc_release": ("auto", "yes", "no"),
             "on_nonfinite": ("stop", "skip"),
+            "data.label_noise.kind": ("symmetric", "pair", "class_conditional"),
             "optim.scheduler": ("linear", "cosine", "constant_with_warmup", "constant", "wsd"),
             "tracking.report_to": ("wandb", "tensorboard", "none"),
             "classify.metric_for_best": METRICS_FOR_BEST,
@@ -258,7 +271,9 @@ class RunConfig:
         check("classify.peft.alpha", gt0, "> 0")
         for key in ("optim.warmup_ratio", "optim.decay_ratio", "mlm.mask_replace_prob", "mlm.random_replace_prob"):
             check(key, unit, "in [0, 1]")
-        for key in ("data.eval_fraction", "classify.effective_beta", "classify.peft.dropout", "model.hidden_dropout",
+        if self.data.label_noise.rate and self.task == "mlm":
+            raise ConfigError("config key 'data.label_noise.rate': label noise needs a classification task")
+        for key in ("data.label_noise.rate", "data.eval_fraction", "classify.effective_beta", "classify.peft.dropout", "model.hidden_dropout",
                     "model.attention_dropout"):
             check(key, below1, "in [0, 1)")
         check("tokenizer.vocab_size", lambda v: v > SPECIAL_TOKENS,
