@@ -71,9 +71,18 @@ class ClassifyTask(Task):
         return steps_for(self.cfg.classify.epochs, self.batches.steps_per_epoch)
 
     def next_batch(self) -> dict:
+        """The next micro-batch, stamped with its epoch and each example's position in the epoch's global
+        order (`pos`; the same on any world size: the training-dynamics ledger keys on it)."""
         if not self._pending:
-            self._pending = self.batches.step_indices()
-        return self.collate["train"](self._pending.pop(0))
+            b = self.batches
+            epoch, start = b.epoch, b.consumed
+            self._pending = [(ix, epoch, start + (i * b.world + b.rank) * b.micro)
+                             for i, ix in enumerate(b.step_indices())]
+        ix, epoch, first = self._pending.pop(0)
+        batch = self.collate["train"](ix)
+        batch["epoch"] = torch.full_like(batch["idx"], epoch)
+        batch["pos"] = torch.arange(first, first + len(batch["idx"]))
+        return batch
 
     def data_state(self) -> dict:
         return {"batches": self.batches.state_dict()}
