@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -113,14 +114,15 @@ class DynamicsLedger(Callback):
         self.close()
         ctx.acc.wait_for_everyone()  # every rank's shards are closed before anyone reads them
         if self.analyze and ctx.is_main and not result.get("signalled") and not result.get("diverged"):
-            from .analyze import AnalyzeError, analyze
+            from .analyze import analyze
 
             try:
                 summary = analyze(ctx.out, progress=ctx.cfg.tracking.progress)
                 result["dynamics"] = {k: summary[k] for k in ("examples", "regions", "detectors") if k in summary}
                 print(f"analyze: wrote {ctx.out / 'analysis'}", flush=True)
-            except (AnalyzeError, OSError, ValueError) as e:
-                print(f"warning: analyze failed: {e}", flush=True)
+            except Exception as e:  # noqa: BLE001 - the trained run stands; `llm-dist analyze` can be rerun
+                print(f"warning: analyze failed ({type(e).__name__}: {e}); rerun `llm-dist analyze {ctx.out}`",
+                      file=sys.stderr, flush=True)
 
     # --- the eval-mode pass -----------------------------------------------------------------------------
     def _eval_pass(self, ctx: Context, step: int) -> None:
