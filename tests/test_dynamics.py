@@ -169,11 +169,37 @@ def test_select_writes_a_trainable_file(one_rank, data, tmp_path):
     top = scores.sort_values("variability", ascending=False)["variability"]
     chosen = scores.set_index("id").loc[[r["id"] for r in rows], "variability"]
     assert chosen.min() >= top.iloc[len(rows) - 1] - 1e-12
+    # train on a selection (the easiest half: every class is in it, so the stratified split can be cut)
+    f = tmp_path / "easy.jsonl"
+    p = subprocess.run([PY, "-m", "llm_dist.cli", "analyze", str(one_rank), "--select", "easy", "--fraction", "0.5",
+                        "--out", str(f), "--quiet"], cwd=ROOT, env=run_env(), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert len(f.read_text().splitlines()) == 160
     out = tmp_path / "sel"
     launch(TINY, f"--output_dir={out}", f"--data.train={f}", "--data.id_column=id", "--data.sources=[]",
            f"--tokenizer.path={data.parent / 'tokenizer'}", "--data.max_length=32", "--max_steps=2", "--eval_every=0",
            "--tracking.progress=false", nproc=1)
     assert read_run(out)["final_step"] == 2
+
+
+def test_analyze_logs_to_wandb_offline(one_rank, tmp_path, monkeypatch):
+    """A run that reported to W&B gets the data map, the detector table and sampled examples there (offline)."""
+    import shutil
+
+    from llm_dist.analysis.dynamics.analyze import analyze
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("dynamics", "splits"):
+        shutil.copytree(one_rank / name, run / name)
+    for name in ("config.yaml", "noise.json"):
+        shutil.copy(one_rank / name, run / name)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("report_to: none", "report_to: wandb"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    analyze(run)
+    media = [m for m in (run / "wandb").glob("offline-run-*/files/media/**/*") if m.is_file()]
+    assert any("data_map" in m.name for m in media) and any("detectors" in m.name for m in media), media
 
 
 def test_analyze_bad_input_is_one_line(tmp_path):
