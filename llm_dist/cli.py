@@ -1,4 +1,4 @@
-"""`llm-dist train | audit` — and `python train.py CONFIG.yaml [--key=value ...]`.
+"""`llm-dist train | audit | analyze` — and `python train.py CONFIG.yaml [--key=value ...]`.
 
 Config and data errors are one line on stderr and exit code 2."""
 from __future__ import annotations
@@ -157,7 +157,8 @@ def _is_main() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: llm-dist {train,audit} ...\n  train CONFIG.yaml [--key=value ...]\n  audit CONFIG.yaml | --data train=PATH ...")
+        print("usage: llm-dist {train,audit,analyze} ...\n  train CONFIG.yaml [--key=value ...]\n  audit CONFIG.yaml | --data train=PATH ...\n"
+              "  analyze RUN_DIR [--select ambiguous|hard|easy --fraction F --out FILE.jsonl]")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
@@ -166,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         from .analysis.audit import main as audit_main
 
         return audit_main(rest)
-    print(f"error: unknown command '{cmd}' (train, audit)", file=sys.stderr)
+    if cmd == "analyze":
+        _quiet_libraries()
+        from .analysis.dynamics.analyze import main as analyze_main
+
+        return analyze_main(rest)
+    print(f"error: unknown command '{cmd}' (train, audit, analyze)", file=sys.stderr)
     return 2
 
 

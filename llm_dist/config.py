@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import os
 import re
@@ -49,6 +50,17 @@ class SourceConfig:
 
 
 @dataclass
+class LabelNoiseConfig:
+    """Planted label noise for testing detectors (training split only; flips are a function of the id, so
+    every rank, fold and rerun flips the same examples; the flipped ids go to `output_dir/noise.json`)."""
+
+    rate: float = 0.0  # fraction of training examples whose label is flipped
+    kind: str = "symmetric"  # symmetric (to a uniformly chosen other class) | pair (to the next class) |
+    #                          class_conditional (a seeded noise matrix: per-class rates around `rate`)
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     # --- MLM (streaming) ---
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(name="bbc_news")])
@@ -69,6 +81,7 @@ class DataConfig:
     max_length: int = 128
     group_by_length: bool = True
     drop_last: bool = False  # drop each epoch's last partial global batch (default: keep every example)
+    label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)
     pad_to_max_length: bool = False  # the seed recipe's padding='max_length' (for comparison)
     audit: str | None = None  # audit.json: report test metrics on all and on the clean subset
     num_workers: int = 0
@@ -155,6 +168,18 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class DynamicsConfig:
+    """The per-example training-dynamics ledger (classify; llm_dist/analysis/dynamics/): rows go to
+    `output_dir/dynamics/`, `llm-dist analyze` turns them into data maps and mislabel scores."""
+
+    enabled: bool = False
+    # train: record every presentation from the training forward pass (no extra pass);
+    # eval: also an eval-mode pass over the whole training set at each epoch end, which analyze then uses
+    pass_: str = "train"  # the config key is `pass` (a Python keyword: stored as pass_)
+    analyze: bool = True  # run `llm-dist analyze` at the end of the run (main process)
+
+
+@dataclass
 class RunConfig:
     task: str = "mlm"  # mlm | classify
     output_dir: str = "runs/demo"
@@ -181,6 +206,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     then: str | None = None  # a second config to run after this one (the demo: pretrain → classify)
 
     def validate(self) -> "RunConfig":
@@ -190,9 +216,11 @@ class RunConfig:
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "malloc_release": ("auto", "yes", "no"),
             "on_nonfinite": ("stop", "skip"),
+            "data.label_noise.kind": ("symmetric", "pair", "class_conditional"),
             "optim.scheduler": ("linear", "cosine", "constant_with_warmup", "constant", "wsd"),
             "tracking.report_to": ("wandb", "tensorboard", "none"),
             "classify.metric_for_best": METRICS_FOR_BEST,
+            "dynamics.pass": ("train", "eval"),
         }
         for key, allowed in choices.items():
             value = _get(self, key)
@@ -258,7 +286,11 @@ class RunConfig:
         check("classify.peft.alpha", gt0, "> 0")
         for key in ("optim.warmup_ratio", "optim.decay_ratio", "mlm.mask_replace_prob", "mlm.random_replace_prob"):
             check(key, unit, "in [0, 1]")
-        for key in ("data.eval_fraction", "classify.effective_beta", "classify.peft.dropout", "model.hidden_dropout",
+        if self.dynamics.enabled and self.task != "classify":
+            raise ConfigError("config key 'dynamics.enabled': the training-dynamics ledger needs task: classify")
+        if self.data.label_noise.rate and self.task == "mlm":
+            raise ConfigError("config key 'data.label_noise.rate': label noise needs a classification task")
+        for key in ("data.label_noise.rate", "data.eval_fraction", "classify.effective_beta", "classify.peft.dropout", "model.hidden_dropout",
                     "model.attention_dropout"):
             check(key, below1, "in [0, 1)")
         check("tokenizer.vocab_size", lambda v: v > SPECIAL_TOKENS,
@@ -281,9 +313,18 @@ class RunConfig:
                 raise ConfigError(f"config key 'data.sources.{i}.weight': must be > 0, got {src.weight}")
 
 
+def _field(name: str) -> str:
+    """The dataclass attribute of a config key: a Python keyword (`dynamics.pass`) is stored with a `_`."""
+    return name + "_" if keyword.iskeyword(name) else name
+
+
+def _key(attr: str) -> str:
+    return attr[:-1] if attr.endswith("_") and keyword.iskeyword(attr[:-1]) else attr
+
+
 def _get(obj: Any, dotted: str) -> Any:
     for part in dotted.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, _field(part))
     return obj
 
 
@@ -350,7 +391,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def build(cls: type, values: dict, prefix: str = "") -> Any:
     """Build dataclass `cls` from a nested dict, rejecting unknown keys with a suggestion."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [_key(f.name) for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -358,7 +399,7 @@ def build(cls: type, values: dict, prefix: str = "") -> Any:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f" (did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{full}'{hint}")
-        kwargs[key] = _coerce(value, hints[key], full)
+        kwargs[_field(key)] = _coerce(value, hints[_field(key)], full)
     return cls(**kwargs)
 
 
@@ -415,7 +456,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 def _to_plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {_key(f.name): _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, list):
         return [_to_plain(v) for v in value]
     return value
@@ -555,7 +596,7 @@ def _check_key(dotted: str) -> None:
             return
         if part.isdigit():
             continue
-        hints = typing.get_type_hints(cls)
+        hints = {_key(k): v for k, v in typing.get_type_hints(cls).items()}
         if part not in hints:
             prefix = ".".join(parts[:i])
             close = difflib.get_close_matches(part, list(hints), n=1, cutoff=0.5)

@@ -87,6 +87,8 @@ def load_splits(cfg: RunConfig, write_to: str | Path | None = None, *, pinned: s
     if pinned is not None:
         splits = _reuse_pinned(splits, Path(pinned))
     _check_labels(splits, files)
+    if d.label_noise.rate > 0:  # planted noise, training split only (data/noise.py)
+        splits["train"] = _with_noise(splits["train"], d.label_noise)
     if len(splits["train"]) < min_train:
         raise DataError(f"{train_where}: the train split has {len(splits['train'])} examples, fewer than one global "
                         f"batch ({min_train} = batch_size × grad_accum × processes)")
@@ -268,3 +270,26 @@ def eval_order(lengths: list[int]) -> list[int]:
 def steps_for(epochs: float, steps_per_epoch: int) -> int:
     """Optimizer steps for `epochs` (0 epochs: evaluate only)."""
     return max(0, math.ceil(epochs * steps_per_epoch))
+
+
+def _with_noise(train: datasets.Dataset, noise) -> datasets.Dataset:
+    """`train` with labels flipped by `data.label_noise`; the flips ride along in `train.info.description`
+    as JSON (read back by `planted_noise`) so the task can write `noise.json` with the splits."""
+    import json
+
+    from .noise import flip_labels
+
+    names = sorted(set(train["label"]))
+    noisy, flipped = flip_labels(list(train["id"]), list(train["label"]), names, noise.rate, noise.kind, noise.seed)
+    out = train.remove_columns("label").add_column("label", noisy)
+    out.info.description = json.dumps({"flipped": flipped})
+    return out
+
+
+def planted_noise(train: datasets.Dataset) -> list[dict] | None:
+    import json
+
+    try:
+        return json.loads(train.info.description or "")["flipped"]
+    except (ValueError, KeyError, TypeError):
+        return None

@@ -41,12 +41,16 @@ def _to_device(batch: dict, device) -> dict:
 
 
 def default_callbacks(cfg: RunConfig, task, acc, out: Path, extra: list[Callback]) -> Callbacks:
-    """Throughput, best model / early stopping and trackers, then `extra` (one with the same name replaces
+    """Throughput, best model / early stopping, trackers and the dynamics ledger, then `extra` (one with the same name replaces
     a default: a bench passes its own "throughput")."""
     cbs = [ThroughputMeter(task.flops_per_token(), peak_tflops(cfg.tracking.peak_tflops), acc.num_processes),
            BestModel(task, acc, out)]
     if cfg.tracking.report_to != "none":
         cbs.append(Trackers())
+    if cfg.dynamics.enabled:  # the per-example ledger (analysis/dynamics)
+        from ..analysis.dynamics.ledger import DynamicsLedger
+
+        cbs.append(DynamicsLedger(out, cfg.dynamics.pass_, cfg.dynamics.analyze))
     names = {c.name for c in extra}
     return Callbacks([c for c in cbs if c.name not in names] + list(extra))
 

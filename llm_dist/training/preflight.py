@@ -26,7 +26,8 @@ RUN_RECORDS = ("config.yaml", "metrics.jsonl", "run.json", "checkpoints")
 # what a run writes into output_dir (README: What a run writes); --overwrite=true removes these, nothing else
 RUN_OUTPUTS = RUN_RECORDS + ("splits", "final", "final.tmp", "tokenizer", "tokenizer.tmp", "adapter",
                              "predictions.jsonl", "test_report.txt", "test_metrics.json", "confusion_matrix.png",
-                             "ds_config.json", "wandb", "tensorboard", "best_model")
+                             "ds_config.json", "wandb", "tensorboard", "best_model", "noise.json", "dynamics",
+                             "analysis")
 
 
 @dataclass

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from ...config import RunConfig, write_text_atomic
-from ...data.classify import (Collate, GlobalBatches, eval_order, label_maps, load_splits, steps_for, tokenize_split,
-                              write_splits)
+from ...data.classify import (Collate, GlobalBatches, eval_order, label_maps, load_splits, planted_noise, steps_for,
+                              tokenize_split, write_splits)
+from ...data.noise import write_noise
 from ...data.sources import DataError
 from ...models.build import flops_per_token, get_tokenizer
 from ...training.signals import poll
@@ -38,6 +39,9 @@ class ClassifyTask(Task):
         self.splits = splits
         if accelerator.is_main_process:
             write_splits(self.splits, out / "splits")
+            if d.label_noise.rate > 0:
+                write_noise(out / "noise.json", d.label_noise, planted_noise(self.splits["train"]) or [],
+                            len(self.splits["train"]))
         accelerator.wait_for_everyone()
         self.label2id, self.id2label = label_maps(self.splits["train"])
         self.names = [self.id2label[i] for i in range(len(self.id2label))]
@@ -67,9 +71,18 @@ class ClassifyTask(Task):
         return steps_for(self.cfg.classify.epochs, self.batches.steps_per_epoch)
 
     def next_batch(self) -> dict:
+        """The next micro-batch, stamped with its epoch and each example's position in the epoch's global
+        order (`pos`; the same on any world size: the training-dynamics ledger keys on it)."""
         if not self._pending:
-            self._pending = self.batches.step_indices()
-        return self.collate["train"](self._pending.pop(0))
+            b = self.batches
+            epoch, start = b.epoch, b.consumed
+            self._pending = [(ix, epoch, start + (i * b.world + b.rank) * b.micro)
+                             for i, ix in enumerate(b.step_indices())]
+        ix, epoch, first = self._pending.pop(0)
+        batch = self.collate["train"](ix)
+        batch["epoch"] = torch.full_like(batch["idx"], epoch)
+        batch["pos"] = torch.arange(first, first + len(batch["idx"]))
+        return batch
 
     def data_state(self) -> dict:
         return {"batches": self.batches.state_dict()}
