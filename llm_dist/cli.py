@@ -1,4 +1,4 @@
-"""`llm-dist train | audit` — and `python train.py CONFIG.yaml [--key=value ...]`.
+"""`llm-dist train | audit | label-issues` — and `python train.py CONFIG.yaml [--key=value ...]`.
 
 Config and data errors are one line on stderr and exit code 2."""
 from __future__ import annotations
@@ -157,7 +157,9 @@ def _is_main() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: llm-dist {train,audit} ...\n  train CONFIG.yaml [--key=value ...]\n  audit CONFIG.yaml | --data train=PATH ...")
+        print("usage: llm-dist {train,audit,label-issues} ...\n  train CONFIG.yaml [--key=value ...]\n"
+              "  audit CONFIG.yaml | --data train=PATH ...\n"
+              "  label-issues CONFIG.yaml --folds K [--key=value ...] --output_dir DIR")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
@@ -166,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         from .analysis.audit import main as audit_main
 
         return audit_main(rest)
-    print(f"error: unknown command '{cmd}' (train, audit)", file=sys.stderr)
+    if cmd in ("label-issues", "label_issues"):
+        from .analysis.label_issues import main as label_issues_main
+
+        return label_issues_main(rest)
+    print(f"error: unknown command '{cmd}' (train, audit, label-issues)", file=sys.stderr)
     return 2
 
 
