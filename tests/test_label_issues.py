@@ -194,6 +194,6 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, extra, needle):
     assert not (tmp_path / "out").exists()
 
 
-def test_mlm_config_is_refused_by_the_console_script(tmp_path):
-    p = _cli("configs/mlm/tiny.yaml", "--folds", "3", "--output_dir", str(tmp_path / "out"))
+def test_mlm_config_is_refused(tmp_path, capsys):
+    p = _inproc(capsys, str(ROOT / "configs" / "mlm" / "tiny.yaml"), "--folds", "3", "--output_dir", str(tmp_path / "out"))
     assert p.returncode == 2 and p.stderr.strip().startswith("error: ") and "classify" in p.stderr, p.stderr
