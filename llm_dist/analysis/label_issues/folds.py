@@ -61,6 +61,7 @@ class Plan:
     fold_config: Path
     fold_cfg_dict: dict
     validation_rows: list
+    rows: list = field(default_factory=list)  # the training examples ({id, text, label[, text_pair]}), by id
 
 
 def _abs_paths(cfg: RunConfig) -> None:
@@ -142,9 +143,7 @@ def make_plan(config: str, overrides: list[str], k: int, out: Path, nproc: int =
     d.audit = None  # the audit describes the config's test split, not a held-out fold
     fcfg.then, fcfg.overwrite, fcfg.resume = None, False, "auto"
     fcfg.output_dir = str(out / "fold_0")
-    plan = Plan(cfg, out, folds, train, names, flipped, out / "fold_config.yaml", to_dict(fcfg), val_rows)
-    plan.rows = rows
-    return plan
+    return Plan(cfg, out, folds, train, names, flipped, out / "fold_config.yaml", to_dict(fcfg), val_rows, rows)
 
 
 def fingerprint(plan: Plan) -> dict:
