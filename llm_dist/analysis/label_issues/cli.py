@@ -146,11 +146,13 @@ def _main(argv: list[str]) -> int:
     if skipped:
         print(f"label-issues: {skipped} of {len(plan.folds)} folds already finished (skipped)", flush=True)
     if todo:
-        new = run_local(plan, todo, nproc, progress=not o["quiet"])
-        times.update({str(k): round(v, 1) for k, v in new.items()})
         from ...config import write_text_atomic
 
-        write_text_atomic(timing_file, json.dumps(times, indent=1))
+        def record(k: int, seconds: float) -> None:
+            times[str(k)] = round(seconds, 1)
+            write_text_atomic(timing_file, json.dumps(times, indent=1))
+
+        run_local(plan, todo, nproc, progress=not o["quiet"], on_done=record)
     t0 = time.time()
     from .scores import example_scores, merge_run, oof_probabilities, write_outputs
 

@@ -232,7 +232,7 @@ class FoldFailed(RuntimeError):
         self.rc = rc
 
 
-def run_local(plan: Plan, todo: list, nproc: int, progress: bool = True) -> dict:
+def run_local(plan: Plan, todo: list, nproc: int, progress: bool = True, on_done=None) -> dict:
     """Run the unfinished folds one after another; {fold: seconds}. Each fold's output goes to
     DIR/logs/fold_k.log; a failing fold stops the run (FoldFailed)."""
     from tqdm.auto import tqdm
@@ -255,6 +255,8 @@ def run_local(plan: Plan, todo: list, nproc: int, progress: bool = True) -> dict
             bar.close()
             raise FoldFailed(f, rc, log)
         times[f.k] = time.time() - t0
+        if on_done is not None:
+            on_done(f.k, times[f.k])  # e.g. record the fold's seconds now (a later fold may fail)
         bar.update(1)
     bar.close()
     return times
