@@ -264,6 +264,29 @@ def test_multi_node_deepspeed_variant(cluster, tmp_path):
     print(f"2-node DeepSpeed run: {time.time() - t0:.1f} s")
 
 
+def test_label_issues_folds_as_an_array(cluster, tmp_path):
+    """`llm-dist label-issues --backend slurm`: one sweep_array task per fold, each in DIR/fold_k; the same
+    command once the array has finished skips every fold and scores them."""
+    from test_label_issues import _args, _synthetic
+
+    data = _synthetic(tmp_path / "synthetic.csv")
+    out = tmp_path / "li"
+    args = [sys.executable, "-m", "llm_dist.cli", "label-issues", *_args(data), "--folds", "2", "--output_dir", str(out),
+            "--backend", "slurm", "--sbatch_args", "--cpus-per-task=1", "--quiet"]
+    t0 = time.time()
+    p = subprocess.run(args, env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    job = re.search(r"submitted SLURM array job (\d+) \(folds 0,1", p.stdout).group(1)
+    infos = cluster.wait(job, timeout=300, n_tasks=2)
+    assert all(i["JobState"] == "COMPLETED" for i in infos), f"{infos}\n{_tail(out / 'logs' / f'slurm-{job}_0.out')}"
+    p = subprocess.run(args, env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "2 of 2 folds already finished (skipped)" in p.stdout
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["examples"] == 240 and scores["detectors"]["oof_loss"]["auroc"] > 0.8, scores["detectors"]
+    print(f"label-issues, 2 folds as a SLURM array: {time.time() - t0:.1f} s")
+
+
 def test_scripts_parse_and_quote_node_rank():
     """Cheap checks that need no cluster: bash syntax, and $SLURM_NODEID left for each node."""
     for name in ("train_single_node.sbatch", "train_multi_node.sbatch", "sweep_array.sbatch", "common.sh",
