@@ -157,10 +157,11 @@ def _is_main() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: llm-dist {train,audit,analyze,label-issues} ...\n  train CONFIG.yaml [--key=value ...]\n"
+        print("usage: llm-dist {train,audit,analyze,label-issues,experiment} ...\n  train CONFIG.yaml [--key=value ...]\n"
               "  audit CONFIG.yaml | --data train=PATH ...\n"
               "  analyze RUN_DIR [--select ambiguous|hard|easy --fraction F --out FILE.jsonl]\n"
-              "  label-issues CONFIG.yaml --folds K [--key=value ...] --output_dir DIR")
+              "  label-issues CONFIG.yaml --folds K [--key=value ...] --output_dir DIR\n"
+              "  experiment SPEC.yaml [--backend local|slurm] [--dry-run] [--key=value ...]")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
@@ -178,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         from .analysis.label_issues import main as label_issues_main
 
         return label_issues_main(rest)
-    print(f"error: unknown command '{cmd}' (train, audit, analyze, label-issues)", file=sys.stderr)
+    if cmd == "experiment":
+        from .analysis.experiments import main as experiment_main
+
+        return experiment_main(rest)
+    print(f"error: unknown command '{cmd}' (train, audit, analyze, label-issues, experiment)", file=sys.stderr)
     return 2
 
 

@@ -61,6 +61,56 @@ class LabelNoiseConfig:
 
 
 @dataclass
+class SubsetConfig:
+    """Train on a nested, stratified part of the training split (data/interventions.py): examples are
+    ranked once per class by a hash of (seed, id) and interleaved across classes, so a smaller subset is
+    always a prefix of — lies inside — a larger one, and every prefix keeps the class proportions."""
+
+    fraction: float = 1.0  # of the training examples (1: all)
+    count: int = 0  # > 0: this many training examples instead of `fraction`
+    per_class: int = 0  # > 0: this many examples of each class (few-shot; classes with fewer keep all)
+    seed: int | None = None  # default: the run's seed (each seed draws its own subset; variants pair by seed)
+
+
+@dataclass
+class ImbalanceConfig:
+    """Subsample classes to a target imbalance ratio (largest class count / smallest)."""
+
+    ratio: float = 1.0  # 1: off; e.g. 10 for 1:10
+    profile: str = "step"  # step: the minority classes get n_max / ratio | exponential: a long tail
+    minority: list[str] | None = None  # step: the classes made rare (default: the second half of the sorted names)
+    seed: int = 0
+
+
+@dataclass
+class InjectConfig:
+    """Copies injected into the training split: `duplicates` copies train examples (ids `ID#dupK`),
+    `contamination` copies examples of `split` (ids `ID#leak`) — exact, or lightly edited (a seeded
+    `edit_rate` of the words deleted, swapped or repeated)."""
+
+    rate: float = 0.0  # duplicates: copies as a fraction of train; contamination: fraction of `split` copied
+    kind: str = "exact"  # exact | edited
+    edit_rate: float = 0.05
+    split: str = "test"  # contamination: test | validation
+    seed: int = 0
+
+
+@dataclass
+class FilterConfig:
+    """Remove training examples before training: by ids (a file, one a line: counterfactual removal), a
+    seeded random fraction (its control), or by an in-process audit of the splits as trained on
+    (decontaminate: train examples any validation/test example leaks from; dedup: all but the first of
+    every exact / near cluster; quality: any Gopher/C4 quality flag)."""
+
+    exclude_ids: str | None = None
+    random_fraction: float = 0.0
+    seed: int | None = None  # random_fraction: default the run's seed
+    decontaminate: bool = False
+    dedup: bool = False
+    quality: bool = False
+
+
+@dataclass
 class DataConfig:
     # --- MLM (streaming) ---
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(name="bbc_news")])
@@ -83,6 +133,15 @@ class DataConfig:
     drop_last: bool = False  # drop each epoch's last partial global batch (default: keep every example)
     label_noise: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)
     pad_to_max_length: bool = False  # the seed recipe's padding='max_length' (for comparison)
+    truncation: str = "head"  # head | tail | head_tail (Sun et al. 2019: the first and the last tokens)
+    head_fraction: float = 0.25  # head_tail: share of max_length given to the head
+    # --- interventions on the training split (classify; data/interventions.py), applied in this order:
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
+    # (label_noise), then filter, duplicates, contamination; the audit filter last
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    duplicates: InjectConfig = field(default_factory=InjectConfig)
+    contamination: InjectConfig = field(default_factory=InjectConfig)
     audit: str | None = None  # audit.json: report test metrics on all and on the clean subset
     num_workers: int = 0
 
@@ -158,6 +217,7 @@ class TrackingConfig:
     report_to: str = "none"  # wandb | tensorboard | none (metrics.jsonl is always written)
     project: str = "llm_dist"
     run_name: str | None = None
+    group: str | None = None  # W&B group (experiments: one group per experiment)
     peak_tflops: float = 0.0  # MFU denominator per device; 0: guess from the device
     progress: bool = True  # tqdm bar on the main process
 
@@ -221,6 +281,11 @@ class RunConfig:
             "tracking.report_to": ("wandb", "tensorboard", "none"),
             "classify.metric_for_best": METRICS_FOR_BEST,
             "dynamics.pass": ("train", "eval"),
+            "data.truncation": ("head", "tail", "head_tail"),
+            "data.imbalance.profile": ("step", "exponential"),
+            "data.duplicates.kind": ("exact", "edited"),
+            "data.contamination.kind": ("exact", "edited"),
+            "data.contamination.split": ("test", "validation"),
         }
         for key, allowed in choices.items():
             value = _get(self, key)
@@ -290,6 +355,26 @@ class RunConfig:
             raise ConfigError("config key 'dynamics.enabled': the training-dynamics ledger needs task: classify")
         if self.data.label_noise.rate and self.task == "mlm":
             raise ConfigError("config key 'data.label_noise.rate': label noise needs a classification task")
+        if self.task == "mlm":
+            for key, off in (("data.subset.fraction", 1.0), ("data.subset.count", 0), ("data.subset.per_class", 0),
+                             ("data.imbalance.ratio", 1.0), ("data.duplicates.rate", 0.0),
+                             ("data.contamination.rate", 0.0), ("data.filter.random_fraction", 0.0),
+                             ("data.filter.exclude_ids", None), ("data.filter.decontaminate", False),
+                             ("data.filter.dedup", False), ("data.filter.quality", False),
+                             ("data.truncation", "head")):
+                if _get(self, key) != off:
+                    raise ConfigError(f"config key '{key}': a training-data intervention needs task: classify "
+                                      "(MLM scale: max_tokens)")
+        check("data.subset.fraction", lambda v: 0 < v <= 1, "in (0, 1]")
+        for key in ("data.subset.count", "data.subset.per_class"):
+            check(key, ge0, ">= 0")
+        check("data.subset.seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)")
+        check("data.imbalance.ratio", ge1, ">= 1")
+        for key in ("data.duplicates.rate", "data.contamination.rate"):
+            check(key, lambda v: 0 <= v <= 10, "in [0, 10]")
+        for key in ("data.duplicates.edit_rate", "data.contamination.edit_rate", "data.head_fraction"):
+            check(key, unit, "in [0, 1]")
+        check("data.filter.random_fraction", below1, "in [0, 1)")
         for key in ("data.label_noise.rate", "data.eval_fraction", "classify.effective_beta", "classify.peft.dropout", "model.hidden_dropout",
                     "model.attention_dropout"):
             check(key, below1, "in [0, 1)")
@@ -498,6 +583,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 # path-valued keys where `pkg:PACKAGE/sub/path` names a file or folder inside an installed package
 PATH_KEYS = ("model.path", "tokenizer.path", "data.train", "data.validation", "data.test", "data.audit",
+             "data.filter.exclude_ids",
              "deepspeed.config", "then")
 SOURCE_PATH_KEYS = ("path", "exclude_ids", "exclude_splits_of")
 

@@ -27,6 +27,8 @@ class Trackers(Callback):
     def on_train_start(self, ctx: Context) -> None:
         cfg = ctx.cfg
         init_kwargs = {"wandb": {"dir": str(ctx.out), "name": cfg.tracking.run_name or ctx.out.name}}
+        if cfg.tracking.group:  # an experiment: its variants × seeds in one W&B group
+            init_kwargs["wandb"]["group"] = cfg.tracking.group
         ctx.acc.init_trackers(cfg.tracking.project, config=flat(to_dict(cfg)), init_kwargs=init_kwargs)
 
     def on_log(self, ctx: Context, row: dict) -> None:

@@ -27,7 +27,7 @@ RUN_RECORDS = ("config.yaml", "metrics.jsonl", "run.json", "checkpoints")
 RUN_OUTPUTS = RUN_RECORDS + ("splits", "final", "final.tmp", "tokenizer", "tokenizer.tmp", "adapter",
                              "predictions.jsonl", "test_report.txt", "test_metrics.json", "confusion_matrix.png",
                              "ds_config.json", "wandb", "tensorboard", "best_model", "noise.json", "dynamics",
-                             "analysis")
+                             "analysis", "interventions.json")
 
 
 @dataclass

@@ -10,9 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ...config import PATH_KEYS, SOURCE_PATH_KEYS, RunConfig, load_config, to_dict, write_text_atomic
-
-REPO = Path(__file__).resolve().parents[3]
+from ..launch import REPO, RunFailed, run_logged, sbatch_safe, submit_array, train_command, train_env
 
 
 class LabelIssuesError(ValueError):
@@ -97,6 +93,7 @@ def make_plan(config: str, overrides: list[str], k: int, out: Path, nproc: int =
     from sklearn.model_selection import StratifiedKFold
 
     from ...data.classify import load_splits, planted_noise
+    from ...data.interventions import reset as reset_interventions
 
     cfg = load_config(config, overrides)
     if cfg.task != "classify":
@@ -139,7 +136,7 @@ def make_plan(config: str, overrides: list[str], k: int, out: Path, nproc: int =
     d = fcfg.data
     d.text_column, d.label_column, d.id_column = "text", "label", "id"
     d.text_pair_column = "text_pair" if pair else None
-    d.label_noise.rate = 0.0  # the fold files hold the noisy labels already
+    reset_interventions(d)  # the fold files hold the noisy / intervened training data already
     d.audit = None  # the audit describes the config's test split, not a held-out fold
     fcfg.then, fcfg.overwrite, fcfg.resume = None, False, "auto"
     fcfg.output_dir = str(out / "fold_0")
@@ -193,43 +190,17 @@ def write_plan(plan: Plan) -> None:
 
 
 # ----------------------------------------------------------------------------- running
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fold_command(plan: Plan, fold: Fold, nproc: int) -> list[str]:
-    tail = ["-m", "llm_dist.cli", "train", str(plan.fold_config), *fold.overrides()]
-    if nproc == 1:
-        return [sys.executable, *tail]
-    acc = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
-    return [acc, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), *tail]
+    return train_command(plan.fold_config, fold.overrides(), nproc)
 
 
 def fold_env(plan: Plan, nproc: int) -> dict:
-    env = dict(os.environ)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    if nproc > 1 and not plan.cfg.deepspeed.config:
-        import torch
-
-        if not torch.cuda.is_available():
-            env.setdefault("ACCELERATE_USE_CPU", "1")  # gloo on CPU ranks (DeepSpeed finds the CPU itself)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    return env
+    return train_env(nproc, bool(plan.cfg.deepspeed.config))
 
 
-class FoldFailed(RuntimeError):
+class FoldFailed(RunFailed):
     def __init__(self, fold: Fold, rc: int, log: Path):
-        text = log.read_text(errors="replace").splitlines() if log.exists() else []
-        errs = [line for line in text if line.startswith("error:")]
-        why = (errs[-1] if errs else (text[-1] if text else "no output")).strip()
-        super().__init__(f"fold {fold.k} ({fold.out}) failed with exit code {rc}: {why} (log: {log})")
-        self.rc = rc
+        super().__init__(f"fold {fold.k} ({fold.out})", rc, log)
 
 
 def run_local(plan: Plan, todo: list, nproc: int, progress: bool = True, on_done=None) -> dict:
@@ -246,11 +217,7 @@ def run_local(plan: Plan, todo: list, nproc: int, progress: bool = True, on_done
         bar.set_postfix_str(f"fold {f.k}")
         log = logs / f"fold_{f.k}.log"
         t0 = time.time()
-        with open(log, "a") as fh:
-            fh.write(f"$ {' '.join(fold_command(plan, f, nproc))}\n")
-            fh.flush()
-            rc = subprocess.call(fold_command(plan, f, nproc), stdout=fh, stderr=subprocess.STDOUT,
-                                 env=fold_env(plan, nproc), cwd=os.getcwd())
+        rc = run_logged(fold_command(plan, f, nproc), fold_env(plan, nproc), log)
         if rc != 0 or not f.done():
             bar.close()
             raise FoldFailed(f, rc, log)
@@ -262,16 +229,12 @@ def run_local(plan: Plan, todo: list, nproc: int, progress: bool = True, on_done
     return times
 
 
-def _sbatch_safe(p: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9_./+:@=,-]+", p) is not None
-
-
 def slurm_command(plan: Plan, todo: list, sbatch_args: list[str]) -> tuple[list[str], dict]:
     """sbatch of `slurm/sweep_array.sbatch` with one array task per unfinished fold: task k's variant sets
     fold k's data files, its output_dir is DIR/fold_k (OUTPUT_DIR=DIR, TASK_DIR_PREFIX=fold_), and every
     task runs the shared fold config; preemption / requeue / resume are the script's own."""
     for p in [str(plan.out), str(plan.fold_config)]:
-        if not _sbatch_safe(p):
+        if not sbatch_safe(p):
             raise LabelIssuesError(f"--output_dir {plan.out}: the SLURM backend needs a path without spaces or "
                                    "shell characters")
     variants = []
@@ -287,21 +250,5 @@ def slurm_command(plan: Plan, todo: list, sbatch_args: list[str]) -> tuple[list[
 
 def submit_slurm(plan: Plan, todo: list, sbatch_args: list[str]) -> str:
     cmd, env = slurm_command(plan, todo, sbatch_args)
-    if shutil.which("sbatch") is None:
-        raise LabelIssuesError("--backend slurm: sbatch not found on PATH")
     (plan.out / "logs").mkdir(parents=True, exist_ok=True)
-    full_env = dict(os.environ, **env)
-    p = subprocess.run(cmd, env=full_env, cwd=REPO, capture_output=True, text=True, timeout=120)
-    if p.returncode != 0:
-        raise LabelIssuesError(f"sbatch failed: {(p.stderr or p.stdout).strip().splitlines()[-1:] or ['?']}")
-    job = p.stdout.strip().split(";")[0]
-    script = "".join(f"export {k}={_quote(v)}\n" for k, v in env.items())
-    write_text_atomic(plan.out / "slurm_submit.sh", "#!/bin/bash\n# submitted as job " + job + "\ncd " + str(REPO)
-                      + "\n" + script + " ".join(_quote(c) for c in cmd) + "\n")
-    return job
-
-
-def _quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
+    return submit_array(cmd, env, plan.out / "slurm_submit.sh", LabelIssuesError)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ...config import RunConfig, write_text_atomic
 from ...data.classify import (Collate, GlobalBatches, eval_order, label_maps, load_splits, planted_noise, steps_for,
                               tokenize_split, write_splits)
+from ...data.interventions import record_of
 from ...data.noise import write_noise
 from ...data.sources import DataError
 from ...models.build import flops_per_token, get_tokenizer
@@ -42,12 +43,16 @@ class ClassifyTask(Task):
             if d.label_noise.rate > 0:
                 write_noise(out / "noise.json", d.label_noise, planted_noise(self.splits["train"]) or [],
                             len(self.splits["train"]))
+            record = record_of(self.splits["train"])
+            if record:  # what the data interventions did (data/interventions.py)
+                write_text_atomic(out / "interventions.json", json.dumps(record, indent=1))
         accelerator.wait_for_everyone()
         self.label2id, self.id2label = label_maps(self.splits["train"])
         self.names = [self.id2label[i] for i in range(len(self.id2label))]
         train_texts = list(self.splits["train"]["text"])
         self.tokenizer = get_tokenizer(cfg, accelerator, lambda n: iter(train_texts[:n] if n else train_texts))
-        self.data = {s: tokenize_split(ds, self.tokenizer, self.label2id, d.max_length) for s, ds in self.splits.items()}
+        self.data = {s: tokenize_split(ds, self.tokenizer, self.label2id, d.max_length, d.truncation, d.head_fraction)
+                     for s, ds in self.splits.items()}
         train = self.data["train"]
         counts = np.bincount(train["labels"], minlength=len(self.names))
         self.prior = counts / counts.sum()
@@ -187,6 +192,12 @@ class ClassifyTask(Task):
             clean = np.array([ids[i] not in self.leaked for i in idx], dtype=bool)
             m["clean"] = compute_metrics(gold[clean], pred[clean], self.names)
             m["leaked_examples"] = int((~clean).sum())
+        copied = record_of(self.splits["train"]).get("contamination", {})
+        if copied.get("split") == split and copied.get("ids"):  # data.contamination: the copied vs the rest
+            ids, leak = self.data[split]["ids"], set(copied["ids"])
+            hit = np.array([ids[i] in leak for i in idx], dtype=bool)
+            m["contaminated"] = compute_metrics(gold[hit], pred[hit], self.names)
+            m["uncontaminated"] = compute_metrics(gold[~hit], pred[~hit], self.names)
         return m, (idx, gold, logits, pred)
 
     def evaluate(self, model, step: int) -> dict:
@@ -216,10 +227,16 @@ class ClassifyTask(Task):
         if "test" not in self.data:
             return None
         m, (idx, gold, logits, pred) = self.split_metrics(model, "test")
-        result = {"test": {k: m[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "loss", "examples")}}
+        result = {"test": {k: m[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "loss", "examples")},
+                  "data": {"train_examples": len(self.data["train"]["ids"]),
+                           "train_tokens": int(sum(self.data["train"]["lengths"])),
+                           "interventions": record_of(self.splits["train"])}}
         if "clean" in m:
             result["test_clean"] = {k: m["clean"][k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "examples")}
             result["test"]["leaked_examples"] = m["leaked_examples"]
+        for part in ("contaminated", "uncontaminated"):
+            if part in m:
+                result[f"test_{part}"] = {k: m[part][k] for k in ("accuracy", "macro_f1", "examples")}
         if self.acc.is_main_process:
             probs = torch.softmax(torch.tensor(self._adjusted(logits)), -1).numpy()
             ids = self.data["test"]["ids"]
