@@ -287,6 +287,39 @@ def test_label_issues_folds_as_an_array(cluster, tmp_path):
     print(f"label-issues, 2 folds as a SLURM array: {time.time() - t0:.1f} s")
 
 
+def test_experiment_runs_as_an_array(cluster, tmp_path):
+    """`llm-dist experiment --backend slurm`: one sweep_array task per run (2 variants × 1 seed), each with its
+    own config and output_dir; the same command once the array has finished skips them and reports."""
+    from test_experiments import _spec
+    from test_label_issues import _synthetic
+
+    data = _synthetic(tmp_path / "synthetic.csv")
+    spec = _spec(tmp_path / "exp.yaml", data, """name: slurm-exp
+seeds: [1]
+variants:
+  - {name: clean, overrides: {}}
+  - {name: half, overrides: {data.subset.fraction: 0.5}}
+""")
+    out = tmp_path / "exp"
+    args = [sys.executable, "-m", "llm_dist.cli", "experiment", str(spec), "--output_dir", str(out), "--backend", "slurm",
+            "--sbatch_args", "--cpus-per-task=1", "--quiet"]
+    t0 = time.time()
+    p = subprocess.run(args, env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    job = re.search(r"submitted SLURM array job (\d+) \(2 runs", p.stdout).group(1)
+    infos = cluster.wait(job, timeout=300, n_tasks=2)
+    assert all(i["JobState"] == "COMPLETED" for i in infos), f"{infos}\n{_tail(out / 'logs' / f'slurm-{job}_0.out')}"
+    for name in ("clean", "half"):
+        rj = json.loads((out / "runs" / name / "seed1" / "run.json").read_text())
+        assert rj["data"]["train_examples"] == (240 if name == "clean" else 120)
+    p = subprocess.run(args, env=cluster.env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "2 of 2 runs already finished (skipped)" in p.stdout
+    rep = json.loads((out / "experiment_report.json").read_text())
+    assert [v["n_seeds"] for v in rep["variants"]] == [1, 1] and not rep["missing_runs"]
+    print(f"experiment, 2 runs as a SLURM array: {time.time() - t0:.1f} s")
+
+
 def test_scripts_parse_and_quote_node_rank():
     """Cheap checks that need no cluster: bash syntax, and $SLURM_NODEID left for each node."""
     for name in ("train_single_node.sbatch", "train_multi_node.sbatch", "sweep_array.sbatch", "common.sh",

@@ -128,7 +128,15 @@ def _slug(text: str) -> str:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _short(key: str) -> str:
+    """A key's name in a variant name: its last two parts (data.label_noise.rate → label_noise.rate)."""
+    return ".".join(key.split(".")[-2:]) if key.count(".") >= 1 and key.split(".")[0] in ("data", "classify") \
+        else key.split(".")[-1]
 
 
 def load_spec(path: str | Path) -> dict:
@@ -168,7 +176,7 @@ def _variants(spec: dict, path: Path) -> list[Variant]:
             raise ExperimentError(f"{_where(path, 'grid')}: expected a mapping of config keys to lists of values")
         keys = list(grid)
         for combo in itertools.product(*(grid[k] for k in keys)):
-            name = ",".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in zip(keys, combo))
+            name = ",".join(f"{_short(k)}={_fmt(v)}" for k, v in zip(keys, combo))
             out.append(Variant(name, dict(zip(keys, combo))))
     sweep = spec.get("sweep")
     if sweep:
@@ -176,7 +184,7 @@ def _variants(spec: dict, path: Path) -> list[Variant]:
                 or len(sweep["values"]) < 2:
             raise ExperimentError(f"{_where(path, 'sweep')}: expected {{key: …, values: [at least 2], metric: …}}")
         for v in sweep["values"]:
-            out.append(Variant(f"{sweep['key'].split('.')[-1]}={_fmt(v)}", {sweep["key"]: v}, sweep_value=v))
+            out.append(Variant(f"{_short(sweep['key'])}={_fmt(v)}", {sweep["key"]: v}, sweep_value=v))
     removal = spec.get("removal")
     if removal:
         if not isinstance(removal, dict) or not removal.get("detectors") and not removal.get("random"):
