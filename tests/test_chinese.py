@@ -179,6 +179,25 @@ def test_tokenizer_coverage_per_script(zh):
     assert "## Scripts and tokenizer coverage" in md
 
 
+def test_run_tokenizer_writes_vocab_report(zh, tmp_path):
+    """A run that trains its tokenizer saves `tokenizer/vocab_report.json` (the main process; no launch)."""
+    from types import SimpleNamespace
+
+    from llm_dist.config import RunConfig
+    from llm_dist.models.build import get_tokenizer
+
+    cfg = RunConfig()
+    cfg.output_dir, cfg.tokenizer.vocab_size = str(tmp_path / "run"), 2000
+    texts = [r["text"] for r in zh["train"]]
+    acc = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    tok = get_tokenizer(cfg, acc, lambda n: iter(texts[:n] if n else texts))
+    rep = json.loads((tmp_path / "run" / "tokenizer" / "vocab_report.json").read_text())
+    han = [c for t in texts for c in HAN.findall(t)]
+    assert rep["documents"] == len(texts) and rep["vocab_size"] == len(tok)
+    assert rep["coverage"]["cjk"] == {"tokens": len(han), "unknown": 0, "unknown_rate": 0.0}
+    assert rep["vocab_by_script"]["cjk"] == len(set(han)) and rep["vocab_by_script"]["latin"] > 0
+
+
 def _words(flags):
     """Lengths (in tokens) of the words that `flags` (word starts) mark, specials excluded."""
     out = []

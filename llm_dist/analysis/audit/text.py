@@ -72,31 +72,50 @@ def is_cjk(units: list[str]) -> bool:
 
 
 # scripts for tokenizer coverage (the unknown-token rate per script): a token belongs to the script of its
-# first character
+# first character. cjk: CJK_RANGES; latin: A-Z, a-z, U+00C0-024F, U+1E00-1EFF; digit: 0-9 and full-width
+# digits; other: everything else (punctuation, symbols, other scripts).
 SCRIPTS = ("cjk", "latin", "digit", "other")
-_LATIN = re.compile(r"[A-Za-z\u00c0-\u024f\u1e00-\u1eff]")
+_CJK_BOUNDS = np.array([(0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2A6DF),
+                        (0x2A700, 0x2EBEF), (0x2F800, 0x2FA1F)], dtype=np.int64)
+_LATIN_BOUNDS = np.array([(0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F), (0x1E00, 0x1EFF)], dtype=np.int64)
+_DIGIT_BOUNDS = np.array([(0x30, 0x39), (0xFF10, 0xFF19)], dtype=np.int64)
+
+
+def _in(codes: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    return ((codes[:, None] >= bounds[:, 0]) & (codes[:, None] <= bounds[:, 1])).any(axis=1)
+
+
+def script_codes(codes: np.ndarray) -> np.ndarray:
+    """Index into SCRIPTS of each code point (vectorised: the coverage counts run over every token)."""
+    out = np.full(len(codes), 3, dtype=np.int64)
+    out[_in(codes, _DIGIT_BOUNDS)] = 2
+    out[_in(codes, _LATIN_BOUNDS)] = 1
+    out[_in(codes, _CJK_BOUNDS)] = 0
+    return out
 
 
 def script_of(ch: str) -> str:
-    if _HAS_CJK.match(ch):
-        return "cjk"
-    if _LATIN.match(ch):
-        return "latin"
-    if ch.isdigit():
-        return "digit"
-    return "other"
+    return SCRIPTS[int(script_codes(np.array([ord(ch)], dtype=np.int64))[0])]
 
 
 def coverage_counts(text: str, ids, offsets, unk_id: int | None, special: set[int]) -> dict[str, list[int]]:
     """{script: [tokens, unknown tokens]} of one encoded text (special tokens and empty spans skipped)."""
     out = {s: [0, 0] for s in SCRIPTS}
-    for i, (a, b) in zip(ids, offsets):
-        if i in special or b <= a or a >= len(text):
-            continue
-        c = out[script_of(text[a])]
-        c[0] += 1
-        if i == unk_id:
-            c[1] += 1
+    if not len(ids) or not text:
+        return out
+    ids = np.asarray(ids, dtype=np.int64)
+    offs = np.asarray(offsets, dtype=np.int64).reshape(len(ids), 2)
+    keep = (offs[:, 1] > offs[:, 0]) & (offs[:, 0] < len(text))
+    if special:
+        keep &= ~np.isin(ids, list(special))
+    if not keep.any():
+        return out
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+    sc = script_codes(codes[offs[keep, 0]])
+    tok = np.bincount(sc, minlength=4)
+    unk = np.bincount(sc[ids[keep] == unk_id], minlength=4) if unk_id is not None else np.zeros(4, dtype=np.int64)
+    for i, s_ in enumerate(SCRIPTS):
+        out[s_] = [int(tok[i]), int(unk[i])]
     return out
 
 

@@ -12,8 +12,8 @@ repeats a few of its own passages, which the audit rightly reports as well):
 - test `leak_exact_*`: a train document verbatim, with ASCII for its full-width punctuation, or re-spaced
   (all equal after NFKC + whitespace normalisation: exact duplicates);
 - test `leak_edit_*`: a train document with `edit_rate` of its CJK characters replaced (near duplicates);
-- test `leak_passage_*`: a test document with a 30-character passage of a train document appended
-  (n-gram leakage only);
+- test `leak_passage_*`: a test document with a 30-character passage (>= 25 Han characters) of a train
+  document appended (n-gram leakage only);
 - train `dup_exact_*` / `dup_edit_*`: the same two kinds of copies inside train;
 - train `junk_*`: texts the quality rules must reject; `pii_zh`: a mainland mobile number, an 18-digit
   resident identity number and an address; `mixed_zh_en`: a Chinese/English document.
@@ -119,7 +119,8 @@ def build(out_dir: str | Path, article: str | Path = ARTICLE, seed: int = 0, tes
     for j in range(2):  # a 30-character passage of a train document appended to a test document
         src, host = train[srcs[k]], test[j]
         k += 1
-        start = rng.randrange(0, max(1, len(src["text"]) - 30))
+        starts = [i for i in range(max(1, len(src["text"]) - 30)) if len(_HAN.findall(src["text"][i:i + 30])) >= 25]
+        start = rng.choice(starts or [0])  # a Chinese passage (>= 25 Han characters: >= 20 units, one n-gram)
         passage = src["text"][start:start + 30]
         test[j] = {"id": f"leak_passage_{j}", "text": host["text"] + passage, "label": host["label"]}
         planted["leak_passage"][test[j]["id"]] = src["id"]
