@@ -169,6 +169,7 @@ class MLMConfig:
     mask_replace_prob: float = 0.8
     random_replace_prob: float = 0.1
     whole_word_masking: bool = False
+    segmenter: str = "auto"  # CJK words for whole_word_masking: jieba | chars | auto (jieba if installed, else chars)
     sparse_prediction: bool = True
 
 

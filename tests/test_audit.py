@@ -173,7 +173,8 @@ def test_leakage_found_and_clean_subset(audited):
     assert "<EMAIL>" in clean_train["pii"]["text"] and "jane.doe" not in clean_train["pii"]["text"]
     c = res["clean"]["splits"]
     assert c["train"]["removed"]["duplicate"] == 2 and c["test"]["removed"]["leaked"] == 3
-    assert c["train"]["pii_replaced"] == {"email": 1, "url": 1, "card": 1, "phone": 1}
+    assert c["train"]["pii_replaced"] == {"email": 1, "url": 1, "card": 1, "phone": 1, "cn_id": 0, "cn_mobile": 0,
+                                          "cn_address": 0}
 
 
 def test_decontaminate_train_side_and_tokenizer(planted, tmp_path):
@@ -321,7 +322,7 @@ def test_bad_input_one_line_errors(planted, tmp_path, capsys):
 
 def test_unit_rules():
     text, counts = scrub("write to a.b@c.org, www.x.com/p; 1998 2004 2010 and 3-1 are not phones: +1 (212) 555-0100")
-    assert counts == {"email": 1, "url": 1, "card": 0, "phone": 1}
+    assert counts == {"email": 1, "url": 1, "card": 0, "phone": 1, "cn_id": 0, "cn_mobile": 0, "cn_address": 0}
     assert text == "write to <EMAIL>, <URL>; 1998 2004 2010 and 3-1 are not phones: <PHONE>"
     assert scrub("4111 1111 1111 1112")[1]["card"] == 0  # fails Luhn
     rep = "the cat sat with the dog and that was that " * 10

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import re
 from typing import Iterator
 
 import datasets
@@ -134,8 +135,12 @@ class PackedStream(torch.utils.data.IterableDataset):
     so no batch holds a pad token. Infinite (epoch after epoch) for training, one pass for eval."""
 
     def __init__(self, sources: list[SourceConfig], tokenizer, data: DataConfig, seed: int, rank: int,
-                 world_size: int, eval_split: bool = False, with_offsets: bool = False, tokenize_batch: int = 16):
+                 world_size: int, eval_split: bool = False, with_offsets: bool = False, tokenize_batch: int = 16,
+                 segmenter: str = "auto"):
+        """`with_offsets`: also give each token's character offsets and whether it starts a word
+        (`word_start`, for whole-word masking; CJK words from `segmenter`, see `word_start_flags`)."""
         super().__init__()
+        self.segment = get_segmenter(segmenter) if with_offsets else None
         self.sources, self.tok, self.data = sources, tokenizer, data
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.eval_split, self.with_offsets, self.tokenize_batch = eval_split, with_offsets, tokenize_batch
@@ -143,8 +148,9 @@ class PackedStream(torch.utils.data.IterableDataset):
         self.buffer_size = 0 if eval_split else data.shuffle_buffer
         self.special_ids = set(tokenizer.all_special_ids)
         # pending_docs: [doc id, tokens of it still in `pending`] runs, so each sequence knows its documents
-        self._state = {"epoch": 0, "stream": None, "pending": [], "pending_offsets": [], "pending_docs": [],
-                       "buffer": [], "rng": random.Random(seed * 7919 + rank).getstate(), "documents": 0}
+        self._state = {"epoch": 0, "stream": None, "pending": [], "pending_offsets": [], "pending_starts": [],
+                       "pending_docs": [], "buffer": [], "rng": random.Random(seed * 7919 + rank).getstate(),
+                       "documents": 0}
 
     # --- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -154,11 +160,16 @@ class PackedStream(torch.utils.data.IterableDataset):
 
     def load_state_dict(self, state: dict) -> None:
         self._state = {"pending_docs": [], **state}
+        if "pending_starts" not in state:  # a state saved before word_start: the offsets' gaps (the old rule)
+            offs = state.get("pending_offsets", [])
+            self._state["pending_starts"] = [i == 0 or offs[i][0] != offs[i - 1][1] for i in range(len(offs))]
 
     # --- iteration -----------------------------------------------------------------------------
     def _encode(self, texts: list[str]):
         encs = self.tok.backend_tokenizer.encode_batch(texts)
-        return [(e.ids, e.offsets) for e in encs]
+        if not self.with_offsets:
+            return [(e.ids, e.offsets, None) for e in encs]
+        return [(e.ids, e.offsets, word_start_flags(t, e.offsets, self.segment)) for t, e in zip(texts, encs)]
 
     def _sequences(self) -> Iterator[dict]:
         """Pack documents into sequences; updates `pending` (tokens carried to the next sequence)."""
@@ -186,11 +197,12 @@ class PackedStream(torch.utils.data.IterableDataset):
                 if batch and (len(batch) >= self.tokenize_batch or exhausted):
                     # the stream position now includes these documents; their tokens go to `pending`
                     # before anything is yielded, so a checkpoint never loses or repeats a document.
-                    for (ids, offs), doc in zip(self._encode(batch), doc_ids):
+                    for (ids, offs, starts), doc in zip(self._encode(batch), doc_ids):
                         st["pending"].extend(ids)
                         st["pending_docs"].append([doc, len(ids)])
                         if self.with_offsets:
                             st["pending_offsets"].extend(offs)
+                            st["pending_starts"].extend(starts)
                     st["documents"] += len(batch)
                     read += len(batch)
                     batch, doc_ids = [], []
@@ -201,6 +213,8 @@ class PackedStream(torch.utils.data.IterableDataset):
                         if self.with_offsets:
                             item["offset_mapping"] = st["pending_offsets"][:L]
                             st["pending_offsets"] = st["pending_offsets"][L:]
+                            item["word_start"] = st["pending_starts"][:L]
+                            st["pending_starts"] = st["pending_starts"][L:]
                         yield item
             # end of an epoch
             st["stream"] = None
@@ -245,6 +259,8 @@ class PackedStream(torch.utils.data.IterableDataset):
                "doc_ids": item.get("doc_ids", [])}
         if "offset_mapping" in item:
             out["offset_mapping"] = torch.tensor(item["offset_mapping"], dtype=torch.long)
+        if "word_start" in item:
+            out["word_start"] = torch.tensor(item["word_start"], dtype=torch.bool)
         return out
 
 
@@ -349,19 +365,22 @@ class MLMCollator:
                 raise ValueError("whole-word masking needs the sequences' offset_mapping "
                                  "(PackedStream(with_offsets=True))")
             offsets = torch.stack([e["offset_mapping"] for e in examples])
-            inputs, labels = self.whole_word_mask(input_ids, special, offsets)
+            starts = torch.stack([e["word_start"] for e in examples]) if "word_start" in examples[0] else None
+            inputs, labels = self.whole_word_mask(input_ids, special, offsets, starts)
         else:
             inputs, labels = self.inner.torch_mask_tokens(input_ids, special_tokens_mask=special)
         return {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs),
                 "doc_ids": [e.get("doc_ids", []) for e in examples]}
 
-    def whole_word_mask(self, input_ids: torch.Tensor, special: torch.Tensor,
-                        offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, labels) with whole words masked and the mask / random / keep split drawn per word."""
+    def whole_word_mask(self, input_ids: torch.Tensor, special: torch.Tensor, offsets: torch.Tensor,
+                        word_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) with whole words masked and the mask / random / keep split drawn per word.
+        `word_start`: the stream's per-token word starts (`word_start_flags`: CJK words from a segmenter);
+        without it, the gaps in `offsets` alone."""
         m = self.mlm
         inputs, labels = input_ids.clone(), input_ids.clone()
         special = special.bool()
-        starts = word_starts(offsets, special)
+        starts = word_starts(offsets, special, word_start)
         # the word of each token: the position of its first piece (special tokens are never masked)
         pos = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         head = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
@@ -380,11 +399,90 @@ class MLMCollator:
         return inputs, labels
 
 
-def word_starts(offsets: torch.Tensor, special: torch.Tensor) -> torch.Tensor:
+def word_starts(offsets: torch.Tensor, special: torch.Tensor, word_start: torch.Tensor | None = None) -> torch.Tensor:
     """True at the first piece of each word: a non-special token whose text does not continue the previous
-    token's (a gap in the character offsets), or that follows a special token or starts the sequence."""
-    prev_end = torch.roll(offsets[..., 1], 1, dims=1)
+    token's (a gap in the character offsets; or, given `word_start`, where that says a word starts), or that
+    follows a special token or starts the sequence."""
     prev_special = torch.roll(special, 1, dims=1)
-    new = (offsets[..., 0] != prev_end) | prev_special
+    if word_start is None:
+        prev_end = torch.roll(offsets[..., 1], 1, dims=1)
+        new = (offsets[..., 0] != prev_end) | prev_special
+    else:
+        new = word_start.bool() | prev_special
     new[:, 0] = True
     return new & ~special
+
+
+# ----------------------------------------------------------------------------- word boundaries
+# Spaced scripts: a word is what the text separates by spaces (a gap between two tokens' offsets), so
+# "token" + "##izer" is one word. CJK text has no spaces: every run of Han/kana characters would be one
+# "word", a whole clause. Chinese BERT-wwm (Cui et al. 2019) masks the words of a segmenter instead (LTP
+# there); here jieba (PyPI, pure Python, its own dictionary: no network), or, without it, each CJK
+# character as a word (= character masking, what Google's Chinese BERT does).
+SEGMENTERS = ("auto", "jieba", "chars")
+_CJK = ("\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df\U0002a700-\U0002ebef"
+        "\U0002f800-\U0002fa1f")
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+_CJK_SIDE = re.compile(f"[{_CJK}\u3000-\u303f\uff00-\uffef]")  # CJK characters and CJK / full-width punctuation
+_warned: set = set()
+
+
+def _jieba_words(text: str) -> list[str]:
+    import jieba
+
+    return jieba.lcut(text)
+
+
+def _char_words(text: str) -> list[str]:
+    return list(text)
+
+
+def get_segmenter(name: str = "auto"):
+    """The CJK word segmenter `mlm.segmenter` names: `jieba` (an error when it is not installed), `chars`
+    (every CJK character a word), `auto` (jieba when installed, else chars, with a warning once)."""
+    if name not in SEGMENTERS:
+        raise DataError(f"config key 'mlm.segmenter': {name!r} is not one of {', '.join(SEGMENTERS)}")
+    if name == "chars":
+        return _char_words
+    try:
+        import logging
+
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict …" lines on every rank
+    except ImportError:
+        if name == "jieba":
+            raise DataError("config key 'mlm.segmenter': jieba is not installed (pip install jieba), "
+                            "or use mlm.segmenter: chars") from None
+        if "jieba" not in _warned:
+            _warned.add("jieba")
+            import warnings
+
+            warnings.warn("whole-word masking: jieba is not installed, CJK text falls back to character masking "
+                          "(each character one word); pip install jieba for word masking", stacklevel=2)
+        return _char_words
+    return _jieba_words
+
+
+def word_start_flags(text: str, offsets, segment=None) -> list[bool]:
+    """Per token of `text` (with its character `offsets`): does it start a word? A token starts a word after
+    a gap in the offsets (spaced scripts, as before), and — in text with CJK characters — where `segment`
+    (`get_segmenter`) puts a word boundary next to a CJK character or CJK punctuation. Special tokens (empty offsets) get True;
+    the collator never masks them."""
+    flags = []
+    prev_end = None
+    bounds = None
+    if segment is not None and _CJK_CHAR.search(text):
+        bounds = set()
+        pos = 0
+        for w in segment(text):
+            if _CJK_SIDE.match(text, pos) or (pos and _CJK_SIDE.match(text, pos - 1)):
+                bounds.add(pos)
+            pos += len(w)
+    for a, b in offsets:
+        if b <= a:
+            flags.append(True)
+            continue
+        flags.append(prev_end is None or a != prev_end or (bounds is not None and a in bounds))
+        prev_end = b
+    return flags

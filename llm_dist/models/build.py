@@ -2,6 +2,7 @@
 and the sparse MLM head (the vocabulary projection runs only on masked positions)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -30,12 +31,18 @@ class ModelError(ValueError):
 
 # ----------------------------------------------------------------------------- tokenizer
 def train_wordpiece(texts, vocab_size: int, lowercase: bool = True) -> PreTrainedTokenizerFast:
-    """Train a BERT WordPiece tokenizer with `tokenizers` and wrap it for transformers."""
+    """Train a BERT WordPiece tokenizer with `tokenizers` and wrap it for transformers.
+
+    Chinese is handled as BERT does (`handle_chinese_chars`): the normalizer puts spaces around every CJK
+    ideograph, so each is a word of its own (the vocabulary holds single characters, never merged runs of
+    them), while spaced scripts keep their sub-words (`token`, `##izer`); a mixed text gets both. Every
+    character seen in training is in the alphabet (no `limit_alphabet`), so unknown tokens come only from
+    characters the training texts never had: `vocab_report` measures it per script."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, handle_chinese_chars=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special, min_frequency=2)
@@ -53,6 +60,46 @@ def train_wordpiece(texts, vocab_size: int, lowercase: bool = True) -> PreTraine
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", model_max_length=512,
     )
+
+
+def vocab_report(tokenizer, texts) -> dict:
+    """Vocabulary and coverage by script (cjk / latin / digit / other, `llm_dist.analysis.audit.text`):
+    how many vocabulary entries each script has (by the first character after a `##`), and over `texts` how
+    many tokens each script's characters became and how many of those are the unknown token (its rate).
+    Needs a fast tokenizer (offsets)."""
+    from ..analysis.audit.text import SCRIPTS, coverage_counts, script_of
+
+    vocab = {sc: 0 for sc in SCRIPTS}
+    special = set(tokenizer.all_special_tokens)
+    for t in tokenizer.get_vocab():
+        if t in special:
+            continue
+        body = t[2:] if t.startswith("##") and len(t) > 2 else t
+        vocab[script_of(body[0])] += 1
+    unk = tokenizer.unk_token_id
+    special_ids = set(tokenizer.all_special_ids) - {unk}
+    totals = {sc: [0, 0] for sc in SCRIPTS}
+    docs = 0
+    backend = tokenizer.backend_tokenizer
+    batch: list[str] = []
+
+    def flush():
+        for text, enc in zip(batch, backend.encode_batch(batch)):
+            for sc, (n, u) in coverage_counts(text, enc.ids, enc.offsets, unk, special_ids).items():
+                totals[sc][0] += n
+                totals[sc][1] += u
+        batch.clear()
+
+    for text in texts:
+        batch.append(text)
+        docs += 1
+        if len(batch) == 256:
+            flush()
+    if batch:
+        flush()
+    return {"vocab_size": len(tokenizer), "vocab_by_script": vocab, "documents": docs,
+            "coverage": {sc: {"tokens": n, "unknown": u, "unknown_rate": round(u / n, 6) if n else None}
+                         for sc, (n, u) in totals.items()}}
 
 
 def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
@@ -91,6 +138,10 @@ def get_tokenizer(cfg: RunConfig, accelerator, texts_fn) -> PreTrainedTokenizerF
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
         tok.save_pretrained(str(tmp))
+        # vocabulary by script + unknown-token rate per script on (up to 2,000 of) the training texts; the
+        # audit (`llm-dist audit CONFIG`) gives the same per split, held-out splits included
+        report = vocab_report(tok, texts_fn(min(tcfg.train_documents or 2000, 2000)))
+        (tmp / "vocab_report.json").write_text(json.dumps(report, indent=1))
         os.replace(tmp, out)
     accelerator.wait_for_everyone()
     return load_tokenizer(str(out))

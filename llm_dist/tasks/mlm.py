@@ -34,7 +34,7 @@ class MLMTask(Task):
     def _stream(self, eval_split: bool) -> PackedStream:
         return PackedStream(self.cfg.data.sources, self.tokenizer, self.cfg.data, self.cfg.seed,
                             self.acc.process_index, self.acc.num_processes, eval_split=eval_split,
-                            with_offsets=self.cfg.mlm.whole_word_masking)
+                            with_offsets=self.cfg.mlm.whole_word_masking, segmenter=self.cfg.mlm.segmenter)
 
     # --- the loop's view ---------------------------------------------------------------------------
     def total_steps(self) -> int:

@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram_size", type=int, default=d.ngram_size)
     p.add_argument("--ngram_threshold", type=float, default=d.ngram_threshold,
                    help="n-gram leak when more than this share of an example's n-grams is in train (0: any)")
+    p.add_argument("--cjk_near_threshold", type=float, default=d.cjk_near_threshold,
+                   help="near-duplicate Jaccard for CJK documents (character shingles)")
+    p.add_argument("--cjk_shingle_size", type=int, default=d.cjk_shingle_size, help="characters per CJK shingle")
+    p.add_argument("--cjk_ngram_size", type=int, default=d.cjk_ngram_size, help="characters per CJK leakage n-gram")
     p.add_argument("--min_words", type=int, default=d.min_words)
     p.add_argument("--nonletter_threshold", type=float, default=d.nonletter_threshold)
     p.add_argument("--max_examples", type=int, default=d.max_examples)
@@ -99,7 +103,8 @@ def _main(argv: list[str]) -> int:
     cfg = AuditConfig(near_threshold=args.near_threshold, num_perm=args.num_perm, shingle_size=args.shingle_size,
                       ngram_size=args.ngram_size, ngram_threshold=args.ngram_threshold, min_words=args.min_words,
                       nonletter_threshold=args.nonletter_threshold, max_length=args.max_length,
-                      max_examples=args.max_examples).validate()
+                      max_examples=args.max_examples, cjk_near_threshold=args.cjk_near_threshold,
+                      cjk_shingle_size=args.cjk_shingle_size, cjk_ngram_size=args.cjk_ngram_size).validate()
     if args.num_proc < 1:
         raise AuditError(f"--num_proc: must be >= 1, got {args.num_proc}")
     if args.data and rest:

@@ -26,6 +26,7 @@ from .features import COLUMNS, PROFILE_FLAGS, PBIT, init_worker, permutations, p
 from .pii import KINDS as PII_KINDS
 from .quality import BIT as QBIT, RULES
 from .reader import SplitSource
+from .text import SCRIPTS
 
 BATCH = 64  # documents per worker task
 PARTIAL_VERSION = 1
@@ -270,10 +271,16 @@ def _concat(parts: list[Partial], name: str) -> dict:
     return out
 
 
-def _lsh(num_perm: int, threshold: float):
+def _lsh(num_perm: int, threshold: float, weights: tuple[float, float] = (0.5, 0.5)):
     from datasketch import MinHashLSH
 
-    return MinHashLSH(threshold=threshold, num_perm=num_perm)
+    return MinHashLSH(threshold=threshold, num_perm=num_perm, weights=weights)
+
+
+# The CJK index weighs missed pairs 9x false candidates when datasketch picks its bands (20 bands of 6 rows at
+# 0.7 instead of 14 of 9): a pair at Jaccard 0.75 becomes a candidate with probability 0.98 instead of 0.67.
+# Candidates are then kept only when their signatures agree on >= the threshold, so precision is unchanged.
+CJK_LSH_WEIGHTS = (0.1, 0.9)
 
 
 def _minhash(sig: np.ndarray, perms):
@@ -361,12 +368,25 @@ def _profile(d: dict, cfg: AuditConfig, hi: float) -> dict:
                    "histogram": {"edges": [round(float(e), 2) for e in edges], "counts": hist.tolist(),
                                  "last_bin_includes_longer": True}},
         "nonletter_ratio_mean": round(float(d["nonletter"].mean()), 4),
+        # documents shingled by words (spaced scripts) and by characters (CJK: Han, kana)
+        "scripts": {"spaced": int((d["cjk"] == 0).sum()), "cjk": int((d["cjk"] == 1).sum())},
+        "coverage": _coverage(d),
     }
     if cfg.max_length:
         out["over_max_length"] = {"max_length": cfg.max_length, **_examples(ids, ntok > cfg.max_length, cfg.max_examples)}
     for flag in PROFILE_FLAGS:
         out[flag] = _examples(ids, (d["pflags"] & PBIT[flag]) > 0, cfg.max_examples)
     return out
+
+
+def _coverage(d: dict) -> dict | None:
+    """Tokenizer coverage per script of the token's first character: tokens, unknown tokens and their rate
+    (None when the tokenizer gave no offsets, or there was no tokenizer)."""
+    out = {}
+    for sc in SCRIPTS:
+        tok, unk = int(d[f"tok_{sc}"].sum()), int(d[f"unk_{sc}"].sum())
+        out[sc] = {"tokens": tok, "unknown": unk, "unknown_rate": round(unk / tok, 6) if tok else None}
+    return out if any(v["tokens"] for v in out.values()) else None
 
 
 def _quality(d: dict, cfg: AuditConfig) -> dict:
@@ -413,19 +433,23 @@ def _duplicates(d: dict, cfg: AuditConfig, perms, progress: bool, split: str):
         for i in g:
             rep_of_doc[i] = g[0]
     empty = np.all(sigs == np.uint32(0xFFFFFFFF), axis=1)
-    lsh = _lsh(cfg.num_perm, cfg.near_threshold)
+    # spaced (word shingles) and CJK (character shingles) documents: one LSH index and threshold each
+    lsh = {0: _lsh(cfg.num_perm, cfg.near_threshold), 1: _lsh(cfg.num_perm, cfg.cjk_near_threshold, CJK_LSH_WEIGHTS)}
+    thr = {0: cfg.near_threshold, 1: cfg.cjk_near_threshold}
+    script = d["cjk"]
     uf = _UnionFind(len(ids))
     for r in tqdm(reps, desc=f"audit near-dup {split}", unit="doc", disable=not progress, leave=False):
         if empty[r]:
             continue
         m = _minhash(sigs[r], perms)
-        cands = lsh.query(m)
+        sc = int(script[r])
+        cands = lsh[sc].query(m)
         if cands:
             cands = np.array(cands)
             sim = (sigs[cands] == sigs[r]).mean(axis=1)
-            for c in cands[sim >= cfg.near_threshold].tolist():
+            for c in cands[sim >= thr[sc]].tolist():
                 uf.union(r, c)
-        lsh.insert(r, m)
+        lsh[sc].insert(r, m)
     comps: dict[int, list[int]] = defaultdict(list)
     for r in reps:
         comps[uf.find(r)].append(r)
@@ -474,11 +498,12 @@ def _leakage(split: str, d: dict, train: dict, lsh, train_reps, train_groups, ng
             kinds["exact"].add(doc_id)
         sig = d["sig"][i]
         if not np.all(sig == empty_sig):
-            cands = lsh.query(_minhash(sig, perms))
+            sc = int(d["cjk"][i])
+            cands = lsh[sc].query(_minhash(sig, perms))
             if cands:
                 cands = np.array(cands)
                 sim = (tsigs[cands] == sig).mean(axis=1)
-                keep = sim >= cfg.near_threshold
+                keep = sim >= (cfg.cjk_near_threshold if sc else cfg.near_threshold)
                 if keep.any():
                     hits = sorted(zip((-sim[keep]).tolist(), cands[keep].tolist()))
                     js = [j for _, r in hits for j in train_groups[thashes[r].item()]]
@@ -502,6 +527,7 @@ def _leakage(split: str, d: dict, train: dict, lsh, train_reps, train_groups, ng
     n = len(d["id"])
     summary = {"documents": n, **{kk: len(v) for kk, v in kinds.items()}, "any": len(any_),
                "clean": n - len(any_), "ngram_size": cfg.ngram_size, "near_threshold": cfg.near_threshold,
+               "cjk_ngram_size": cfg.cjk_ngram_size, "cjk_near_threshold": cfg.cjk_near_threshold,
                "ngram_threshold": cfg.ngram_threshold,
                # examples whose exact / near train copies carry another label (label noise across splits)
                "label_mismatch": len({e["id"] for e in entries if e["kind"] in ("exact", "near")

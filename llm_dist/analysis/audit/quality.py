@@ -25,6 +25,23 @@ trip `gopher_word_count` by design).
 Words are whitespace-separated tokens for the Gopher length/symbol rules, and the normalised word
 sequence (lower case, punctuation dropped) for the repetition rules; character fractions are over the
 characters of those words, each character counted once.
+
+CJK documents (`text.is_cjk`: Chinese / Japanese, no spaces between words) get per-script definitions,
+since a Chinese paragraph is one whitespace "word":
+
+| rule                    | for a CJK document                                                          |
+|-------------------------|-----------------------------------------------------------------------------|
+| gopher_word_count       | units (each CJK character one, other words one each) outside [min_words, max_words] |
+| gopher_mean_word_length | not applied (a unit is one character by construction)                     |
+| gopher_symbol_ratio     | '#' or ellipses ('...', '…') per unit above 0.1                             |
+| gopher_bullet_lines     | as above, bullets also '·', '●', '○', '■', '□', '◆', '◇', '▪', '※'          |
+| gopher_alpha_words      | fewer than 80% of the tokens (units and runs of punctuation/symbols) hold a letter (a CJK character is one) |
+| gopher_stop_words       | fewer than 2 of the Chinese function characters in `CJK_STOP_WORDS` (的, 了, 是, 在, 和, …) |
+| gopher_top_ngram        | on characters, n doubled (~1.5-2 characters a Chinese word): 4/6/8-grams above 20/18/16% |
+| gopher_dup_ngram        | on characters, n doubled: repeated 10..20-grams cover > 15..10% of the characters |
+| c4_terminal_punct       | terminal punctuation also '。', '！', '？', '」', '』', '…'                      |
+
+The line/paragraph duplication rules, lorem ipsum and '{' are the same for every script.
 """
 from __future__ import annotations
 
@@ -47,6 +64,14 @@ STOP_WORDS = frozenset(("the", "be", "to", "of", "and", "that", "have", "with"))
 TOP_NGRAM = ((2, 0.20), (3, 0.18), (4, 0.16))
 DUP_NGRAM = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
 TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019")
+# Chinese function characters (the most frequent of a stop-word list such as HIT's / Baidu's, one character
+# each since a CJK document's units are characters): like Gopher's 8 English ones, any real sentence has some
+CJK_STOP_WORDS = frozenset("的了是在和与及也就都而这有对为不以中上把被从到将")
+CJK_TOP_NGRAM = ((4, 0.20), (6, 0.18), (8, 0.16))
+CJK_DUP_NGRAM = ((10, 0.15), (12, 0.14), (14, 0.13), (16, 0.12), (18, 0.11), (20, 0.10))
+CJK_TERMINAL = TERMINAL + ("\u3002", "\uff01", "\uff1f", "\u300d", "\u300f", "\u2026", "\uff0e")
+CJK_BULLETS = "•-*·●○■□◆◇▪※"
+_PUNCT_RUN = re.compile(r"[^\w\s]+")
 
 
 def names(mask: int) -> list[str]:
@@ -70,26 +95,41 @@ def _dup_fraction(items: list[str]) -> tuple[float, float]:
 
 
 def quality_flags(text: str, words: list[str], wh: np.ndarray, min_words: int = 50,
-                  max_words: int = 100_000, raw: list[str] | None = None) -> int:
-    """Bit mask of the rules (see `RULES`) this document trips. `words`/`wh`: its normalised words
-    and their hashes (shared with the dedup stage, so they are computed once)."""
+                  max_words: int = 100_000, raw: list[str] | None = None, cjk: bool = False) -> int:
+    """Bit mask of the rules (see `RULES`) this document trips. `words`/`wh`: its normalised units
+    (`text.norm_units`) and their hashes (shared with the dedup stage, so they are computed once); `cjk`:
+    the document is CJK (`text.is_cjk`), whose rules are defined on characters (module docstring)."""
     mask = 0
     raw = text.split() if raw is None else raw
-    n_raw = len(raw)
-    n_chars = sum(map(len, raw))
-    if not min_words <= n_raw <= max_words:
-        mask |= BIT["gopher_word_count"]
-    if n_raw:
-        mean_len = n_chars / n_raw
-        if not 3 <= mean_len <= 10:
-            mask |= BIT["gopher_mean_word_length"]
-        if max(text.count("#"), text.count("...") + text.count("\u2026")) / n_raw > 0.1:
-            mask |= BIT["gopher_symbol_ratio"]
-        if 1.0 - len(_NO_LETTER_WORD.findall(text)) / n_raw < 0.8:
-            mask |= BIT["gopher_alpha_words"]
+    if cjk:
+        n_units = len(words)
+        if not min_words <= n_units <= max_words:
+            mask |= BIT["gopher_word_count"]
+        if n_units:
+            if max(text.count("#"), text.count("...") + text.count("\u2026")) / n_units > 0.1:
+                mask |= BIT["gopher_symbol_ratio"]
+            alpha = sum(1 for w in words if any(c.isalpha() for c in w))
+            if alpha / (n_units + len(_PUNCT_RUN.findall(text))) < 0.8:
+                mask |= BIT["gopher_alpha_words"]
+        stop_words, top_ngram, dup_ngram, terminal, bullets = (CJK_STOP_WORDS, CJK_TOP_NGRAM, CJK_DUP_NGRAM,
+                                                               CJK_TERMINAL, CJK_BULLETS)
+    else:
+        n_raw = len(raw)
+        n_chars = sum(map(len, raw))
+        if not min_words <= n_raw <= max_words:
+            mask |= BIT["gopher_word_count"]
+        if n_raw:
+            mean_len = n_chars / n_raw
+            if not 3 <= mean_len <= 10:
+                mask |= BIT["gopher_mean_word_length"]
+            if max(text.count("#"), text.count("...") + text.count("\u2026")) / n_raw > 0.1:
+                mask |= BIT["gopher_symbol_ratio"]
+            if 1.0 - len(_NO_LETTER_WORD.findall(text)) / n_raw < 0.8:
+                mask |= BIT["gopher_alpha_words"]
+        stop_words, top_ngram, dup_ngram, terminal, bullets = STOP_WORDS, TOP_NGRAM, DUP_NGRAM, TERMINAL, "•-*"
     stop = 0
     for w in words:
-        if w in STOP_WORDS:
+        if w in stop_words:
             stop += 1
             if stop == 2:
                 break
@@ -98,14 +138,14 @@ def quality_flags(text: str, words: list[str], wh: np.ndarray, min_words: int = 
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if lines:
         n = len(lines)
-        if sum(1 for ln in lines if ln[0] in "•-*") / n > 0.9:
+        if sum(1 for ln in lines if ln[0] in bullets) / n > 0.9:
             mask |= BIT["gopher_bullet_lines"]
         if sum(1 for ln in lines if ln.endswith(("...", "\u2026"))) / n > 0.3:
             mask |= BIT["gopher_ellipsis_lines"]
         frac, chars = _dup_fraction(lines)
         if frac > 0.3 or chars > 0.2:
             mask |= BIT["gopher_dup_lines"]
-        if sum(1 for ln in lines if ln.endswith(TERMINAL)) / n < 0.5:
+        if sum(1 for ln in lines if ln.endswith(terminal)) / n < 0.5:
             mask |= BIT["c4_terminal_punct"]
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     frac, chars = _dup_fraction(paragraphs)
@@ -115,7 +155,7 @@ def quality_flags(text: str, words: list[str], wh: np.ndarray, min_words: int = 
         wlen = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         total = int(wlen.sum())
         csum = np.concatenate(([0], np.cumsum(wlen)))
-        for n, limit in TOP_NGRAM:
+        for n, limit in top_ngram:
             h = ngram_hashes(wh, n)
             if len(h) < 2:
                 break
@@ -126,7 +166,7 @@ def quality_flags(text: str, words: list[str], wh: np.ndarray, min_words: int = 
                 if (csum[start + n] - csum[start]) * int(counts[top]) / total > limit:
                     mask |= BIT["gopher_top_ngram"]
                     break
-        for n, limit in DUP_NGRAM:
+        for n, limit in dup_ngram:
             h = ngram_hashes(wh, n)
             if len(h) < 2:
                 break
@@ -141,7 +181,7 @@ def quality_flags(text: str, words: list[str], wh: np.ndarray, min_words: int = 
             if frac > limit:
                 mask |= BIT["gopher_dup_ngram"]
                 break
-            if frac <= DUP_NGRAM[-1][1]:
+            if frac <= dup_ngram[-1][1]:
                 break  # longer repeats cover no more than these: none can pass its (lower) limit
     low = text.lower()
     if "lorem ipsum" in low:

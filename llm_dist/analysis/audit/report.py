@@ -38,6 +38,22 @@ def _sections(res: dict) -> list[tuple[str, list[str], list[list], str]]:
     out.append(("Profile", ["split", "documents", "tokens", "mean len", "p50", "p99", "max", "classes",
                             "imbalance (max/min)", "over max_length"], rows,
                 f"Lengths in {res.get('tokenizer') or 'tokens'}."))
+    if any("scripts" in splits[n] for n in names):
+        from .text import SCRIPTS
+
+        def cov(s, sc):
+            c = (s.get("coverage") or {}).get(sc)
+            if not c or not c["tokens"]:
+                return "-"
+            return f"{c['unknown_rate']:.2%} ({c['unknown']}/{c['tokens']})"
+
+        out.append(("Scripts and tokenizer coverage",
+                    ["split", "spaced docs", "CJK docs"] + [f"unknown tokens: {sc}" for sc in SCRIPTS],
+                    [[n, splits[n]["scripts"]["spaced"], splits[n]["scripts"]["cjk"]] + [cov(splits[n], sc) for sc in SCRIPTS]
+                     for n in names if "scripts" in splits[n]],
+                    "Spaced documents are shingled by words, CJK ones (at least half their units Han/kana "
+                    "characters) by characters. Unknown tokens: share of the tokenizer's tokens that are its "
+                    "unknown token, by the script of the token's first character ('-': no tokenizer offsets)."))
     classes = sorted({c for n in names for c in splits[n]["class_counts"]})
     if classes:
         out.append(("Class distribution", ["class"] + names,
@@ -53,15 +69,21 @@ def _sections(res: dict) -> list[tuple[str, list[str], list[list], str]]:
                 [[n, len(dups[n]["exact"]), dups[n]["exact_extra_copies"], len(dups[n]["near"]),
                   dups[n]["near_extra_copies"], len(dups[n]["label_conflicts"])] for n in names],
                 f"near: MinHash LSH, word {res['config']['shingle_size']}-gram shingles, Jaccard >= "
-                f"{res['config']['near_threshold']}; a near cluster holds at least two distinct texts."))
+                f"{res['config']['near_threshold']}"
+                + (f" (CJK documents: character {res['config']['cjk_shingle_size']}-grams, Jaccard >= "
+                   f"{res['config']['cjk_near_threshold']})" if "cjk_shingle_size" in res["config"] else "")
+                + "; a near cluster holds at least two distinct texts."))
     ls = res["leakage_summary"]
     if ls:
         out.append(("Leakage into train", ["split", "documents", "exact", "near", "ngram", "any", "clean",
                                            "label mismatch"],
                     [[n, v["documents"], v["exact"], v["near"], v["ngram"], v["any"], v["clean"], v["label_mismatch"]]
                      for n, v in ls.items()],
-                    f"ngram: shares {res['config']['ngram_size']}-grams with train (fraction of its n-grams > "
-                    f"{res['config']['ngram_threshold']}); clean = no overlap of any kind."))
+                    f"ngram: shares {res['config']['ngram_size']}-grams"
+                    + (f" (CJK documents: {res['config']['cjk_ngram_size']}-character n-grams)"
+                       if "cjk_ngram_size" in res["config"] else "")
+                    + f" with train (fraction of its n-grams > {res['config']['ngram_threshold']}); "
+                    "clean = no overlap of any kind."))
     q = res["quality"]
     out.append(("Quality flags (Gopher / C4 subset)", ["rule"] + names,
                 [[r] + [q[n]["rules"][r]["count"] for n in names] for r in RULES]
