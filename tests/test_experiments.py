@@ -310,3 +310,42 @@ def test_bad_spec_is_one_line_exit_2(tmp_path, capsys, body, needle, data):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_mlm_token_sweep_report_and_wandb_from_run_dirs(tmp_path, monkeypatch):
+    """The report recomputes from run dirs: an MLM sweep over max_tokens whose runs' eval losses follow a
+    known law (run.json written here, no training) gives tokens as n, the fitted law, the plots, and a W&B
+    report run (offline) in the experiment's group."""
+    from llm_dist.analysis.experiments import report
+    from llm_dist.analysis.experiments.plan import make_plan, write_plan
+    from llm_dist.analysis.experiments.stats import power_law
+
+    spec = tmp_path / "mlm.yaml"
+    spec.write_text(f"""name: mlm-scale
+base: {ROOT / 'configs' / 'mlm' / 'tiny.yaml'}
+overrides: {{tracking.report_to: wandb, max_steps: 100000}}
+seeds: [1, 2]
+sweep: {{key: max_tokens, values: [20000, 40000, 80000, 160000], metric: eval_loss}}
+""")
+    plan = make_plan(spec, str(tmp_path / "out"))
+    assert plan.tokenizer is None and len(plan.runs) == 8  # MLM runs train their own tokenizer on the stream
+    write_plan(plan)
+    for r in plan.runs:
+        n = r.cfg["max_tokens"]
+        loss = power_law(n, 300.0, 0.6, 2.0) + (0.01 if r.seed == 1 else -0.01)
+        r.out.mkdir(parents=True)
+        (r.out / "run.json").write_text(json.dumps({"tokens_seen": n, "train_seconds": n / 1000, "signalled": False,
+                                                    "eval": {"eval_loss": loss, "perplexity": float(np.exp(loss))}}))
+    rep = report.build(plan)
+    assert rep["metrics"][:2] == ["eval_loss", "perplexity"] and not rep["missing_runs"]
+    sc = rep["scaling"]
+    assert sc["x"] == "tokens" and sc["metric"] == "eval_loss" and sc["error_is"] == "eval_loss"
+    assert sc["b"] == pytest.approx(0.6, abs=0.05) and sc["c"] == pytest.approx(2.0, abs=0.05)
+    assert rep["variants"][0]["perf"]["tokens_per_s"]["mean"] == pytest.approx(1000)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    paths = report.write(plan, rep)
+    assert paths["learning_curve"].stat().st_size > 1000
+    report.log_wandb(plan, rep, paths)
+    runs = list((plan.out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))

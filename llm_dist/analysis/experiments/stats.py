@@ -3,12 +3,12 @@ and the saturating power law err(n) = a·n^(−b) + c fitted with bootstrap inte
 extrapolation (Alabdulmohsin et al. 2022, "Revisiting neural scaling laws": fit on the smaller sizes,
 predict the largest measured one).
 
-scipy does the t-quantiles, the paired test and the least-squares fit; the bootstrap is a few lines here
-because it resamples *seeds within each size* (the unit of replication), which no library call does."""
+scipy does the t-quantiles, the paired test and the least squares (nnls, minimize_scalar); the bootstrap is
+a few lines here because it resamples *seeds within each size* (the unit of replication), which no library
+call does."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
@@ -54,31 +54,42 @@ def power_law(n, a, b, c):
     return a * np.power(n, -b) + c
 
 
+def _ac_for(b: float, x: np.ndarray, err: np.ndarray, cmax: float) -> tuple[float, float, float]:
+    """For a fixed exponent b the law is linear in (a, c): non-negative least squares, c capped at cmax;
+    (a, c, sse)."""
+    from scipy.optimize import nnls
+
+    X = np.stack([np.power(x, -b), np.ones_like(x)], axis=1)
+    (a, c), _ = nnls(X, err)
+    if c > cmax:
+        c = cmax
+        z = X[:, 0]
+        a = max(0.0, float(z @ (err - c) / max(z @ z, 1e-300)))
+    r = a * X[:, 0] + c - err
+    return float(a), float(c), float(r @ r)
+
+
 def fit_power_law(n, err) -> tuple[float, float, float]:
-    """Least-squares a·n^(−b) + c with a ≥ 0, 0 ≤ b ≤ 5, 0 ≤ c ≤ min(err). Fitted in n / n_min (so `a` is
-    of the order of the errors), returned for n itself."""
-    from scipy.optimize import curve_fit
+    """Least-squares a·n^(−b) + c with a ≥ 0, 0 ≤ b ≤ 5, 0 ≤ c ≤ min(err). For a fixed b the law is linear
+    in (a, c), so the fit is a 1-D search over b (a grid, then a bounded refinement around its best) with
+    (a, c) solved exactly at each b — robust, and fast enough for a bootstrap of a thousand fits. Fitted in
+    n / n_min (well-conditioned), returned for n itself."""
+    from scipy.optimize import minimize_scalar
 
     n, err = np.asarray(n, dtype=float), np.asarray(err, dtype=float)
+    if len(n) < 3 or not np.all(np.isfinite(err)) or not np.all(n > 0):
+        raise ValueError("the power law needs at least 3 finite points at n > 0")
     n0 = float(n.min())
-    lo = float(err.min())
-    best, best_sse = None, math.inf
-    for b0 in (0.3, 0.7, 1.5):  # a few starts: the fit is not convex in b
-        c0 = 0.5 * lo
-        p0 = [max(float(err.max()) - c0, 1e-6), b0, c0]
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                p, _ = curve_fit(power_law, n / n0, err, p0=p0, bounds=([0, 0, 0], [np.inf, 5, max(lo, 1e-12)]),
-                                 maxfev=20000)
-        except (RuntimeError, ValueError):
-            continue
-        sse = float(((power_law(n / n0, *p) - err) ** 2).sum())
-        if sse < best_sse:
-            best, best_sse = p, sse
-    if best is None:
-        raise ValueError("the power law could not be fitted to these points")
-    a, b, c = (float(v) for v in best)
+    x = n / n0
+    cmax = max(float(err.min()), 0.0)
+    grid = np.linspace(0.0, 5.0, 101)
+    sse = [_ac_for(b, x, err, cmax)[2] for b in grid]
+    k = int(np.argmin(sse))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    res = minimize_scalar(lambda b: _ac_for(b, x, err, cmax)[2], bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-6})
+    b = float(res.x) if res.fun <= sse[k] else float(grid[k])
+    a, c, _ = _ac_for(b, x, err, cmax)
     return a * n0 ** b, b, c
 
 
