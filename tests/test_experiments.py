@@ -263,9 +263,11 @@ variants:
 
 def test_removal_by_detector_against_random(data, tmp_path):
     """Counterfactual removal: a scoring run (the base with the dynamics ledger), then the top 15% by AUM
-    removed vs a random 15%; with 15% planted noise the removed set is mostly the flipped examples."""
+    removed vs a random 15%; with 15% planted noise the removed set is mostly the flipped examples. Every
+    run here is a 2-process run (`nproc: 2`: accelerate launch)."""
     spec = _spec(tmp_path / "removal.yaml", data, """name: tiny-removal
 seeds: [1]
+nproc: 2
 overrides: {data.label_noise.rate: 0.15, data.label_noise.seed: 1}
 removal: {scores: auto, detectors: [aum], fractions: [0.15], random: true}
 """)
@@ -291,6 +293,8 @@ removal: {scores: auto, detectors: [aum], fractions: [0.15], random: true}
     assert inter["removal"]["exclude_ids"]["removed"] == len(removed)
     rnd = json.loads((out / "runs" / "remove-random-0.15" / "seed1" / "interventions.json").read_text())
     assert rnd["removal"]["random"]["removed"] == len(removed)
+    for name in ("_scoring", "keep-all", "remove-aum-0.15", "remove-random-0.15"):
+        assert json.loads((out / "runs" / name / "seed1" / "run.json").read_text())["world_size"] == 2
     det = rep["variants"][1]
     assert det["random_variant"] == "remove-random-0.15" and "accuracy" in det["delta_vs_random"]
 

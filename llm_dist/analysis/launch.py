@@ -82,3 +82,30 @@ def submit_array(cmd: list[str], env: dict, record: Path, error) -> str:
     write_text_atomic(record, "#!/bin/bash\n# submitted as job " + job + "\ncd " + str(REPO) + "\n" + script
                       + " ".join(shlex.quote(c) for c in cmd) + "\n")
     return job
+
+
+def driver_main(argv: list[str] | None, doc: str, body, input_error: type) -> int:
+    """The CLI shell of a driver verb (label-issues, experiment): --help, quiet libraries, and every failure
+    as one `error:` line — a failed run exits 1 (2 when the run itself refused its input), bad input 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(doc)
+        return 0 if argv else 2
+    from ..cli import _quiet_libraries
+
+    _quiet_libraries()
+    import datasets
+
+    datasets.disable_progress_bars()
+    from ..config import ConfigError
+    from ..data.sources import DataError
+
+    try:
+        return body(argv)
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if e.rc == 2 else 1
+    except (input_error, ConfigError, DataError, OSError) as e:
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else (str(e) or type(e).__name__)
+        print(f"error: {msg.splitlines()[0]}", file=sys.stderr)
+        return 2

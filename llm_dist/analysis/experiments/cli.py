@@ -20,7 +20,6 @@ any other --key=value is a config override for every run (after the spec's)."""
 from __future__ import annotations
 
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -73,30 +72,10 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    from ...cli import _quiet_libraries
-
-    _quiet_libraries()
-    import datasets
-
-    datasets.disable_progress_bars()
-    from ...config import ConfigError
-    from ...data.sources import DataError
-    from ..launch import RunFailed
+    from ..launch import driver_main
     from .plan import ExperimentError
 
-    try:
-        return _main(argv)
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if e.rc == 2 else 1
-    except (ExperimentError, ConfigError, DataError, OSError) as e:
-        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else (str(e) or type(e).__name__)
-        print(f"error: {msg.splitlines()[0]}", file=sys.stderr)
-        return 2
+    return driver_main(argv, __doc__, _main, ExperimentError)
 
 
 def _main(argv: list[str]) -> int:

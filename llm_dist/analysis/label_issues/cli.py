@@ -23,7 +23,6 @@ any other --key=value is a config override (as for train)."""
 from __future__ import annotations
 
 import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -79,32 +78,10 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0 if argv else 2
-    from ...cli import _quiet_libraries
+    from ..launch import driver_main
+    from .folds import LabelIssuesError
 
-    _quiet_libraries()
-    import datasets
-
-    datasets.disable_progress_bars()
-    from ...config import ConfigError
-    from ...data.sources import DataError
-    from .folds import FoldFailed, LabelIssuesError
-
-    try:
-        return _main(argv)
-    except FoldFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if e.rc == 2 else 1
-    except (LabelIssuesError, ConfigError, DataError, OSError) as e:
-        if isinstance(e, OSError) and e.filename:
-            msg = f"{e.filename}: {e.strerror}"
-        else:
-            msg = str(e) or type(e).__name__
-        print(f"error: {msg.splitlines()[0]}", file=sys.stderr)
-        return 2
+    return driver_main(argv, __doc__, _main, LabelIssuesError)
 
 
 def _main(argv: list[str]) -> int:
