@@ -12,6 +12,7 @@ options:
                           when it has finished to report (a removal experiment submits its scoring run
                           first, then the removal runs)
   --seeds N [N ...]       instead of the spec's seeds
+  --variants V [V ...]    only these variants (names as the dry run lists them; the baseline is always kept)
   --sbatch_args "ARGS"    slurm: extra sbatch flags (e.g. "--partition=gpu --time=02:00:00")
   --dry-run               list the runs (done / would run) and the commands; run and write nothing
   --report-only           write the report from the runs that have finished; run nothing
@@ -32,7 +33,8 @@ FLAGS = {"--dry-run": "dry_run", "--dry_run": "dry_run", "--report-only": "repor
 def parse(argv: list[str]):
     from .plan import ExperimentError
 
-    opts = {"output_dir": None, "backend": "local", "sbatch_args": "", "seeds": None, "dry_run": False,
+    opts = {"output_dir": None, "backend": "local", "sbatch_args": "", "seeds": None, "variants": None,
+            "dry_run": False,
             "report_only": False, "quiet": False}
     spec, overrides, i = None, [], 0
     while i < len(argv):
@@ -57,6 +59,14 @@ def parse(argv: list[str]):
                 raise ExperimentError(f"--seeds: expected integers, got {' '.join(vals)!r}") from None
             if not opts["seeds"]:
                 raise ExperimentError("--seeds: missing value")
+        elif key == "--variants":
+            vals = [a.split("=", 1)[1]] if "=" in a else []
+            while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                vals.append(argv[i + 1])
+                i += 1
+            if not vals:
+                raise ExperimentError("--variants: missing value")
+            opts["variants"] = vals
         elif a in FLAGS:
             opts[FLAGS[a]] = True
         elif not a.startswith("--") and spec is None:
@@ -84,7 +94,7 @@ def _main(argv: list[str]) -> int:
     from .runner import all_runs, command, ready, run_local, slurm_batch, slurm_command, submit_slurm
 
     spec, overrides, o = parse(argv)
-    plan = make_plan(spec, o["output_dir"], o["seeds"], overrides)
+    plan = make_plan(spec, o["output_dir"], o["seeds"], overrides, o["variants"])
     runs = all_runs(plan)
     todo = [r for r in runs if not r.done()]
     sbatch_args = shlex.split(o["sbatch_args"])

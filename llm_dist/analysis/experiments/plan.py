@@ -213,8 +213,9 @@ def _variants(spec: dict, path: Path) -> list[Variant]:
 
 
 def make_plan(spec_path: str | Path, output_dir: str | None = None, seeds: list[int] | None = None,
-              extra: list[str] | None = None) -> Plan:
-    """Read and check the spec, build and validate every run's config (nothing written)."""
+              extra: list[str] | None = None, only: list[str] | None = None) -> Plan:
+    """Read and check the spec, build and validate every run's config (nothing written). `only`: run just
+    these variants (and the baseline)."""
     spec_path = Path(spec_path).resolve()
     spec = load_spec(spec_path)
     name = str(spec.get("name") or spec_path.stem)
@@ -238,6 +239,15 @@ def make_plan(spec_path: str | Path, output_dir: str | None = None, seeds: list[
     if baseline not in [v.name for v in variants]:
         raise ExperimentError(f"{_where(spec_path, 'baseline')}: '{baseline}' is not a variant "
                               f"({', '.join(v.name for v in variants)})")
+    if only:
+        unknown = [n for n in only if n not in [v.name for v in variants]]
+        if unknown:
+            raise ExperimentError(f"--variants: '{unknown[0]}' is not a variant of {spec_path.name} "
+                                  f"({', '.join(v.name for v in variants)})")
+        variants = [v for v in variants if v.name in only or v.name == baseline
+                    or (v.removal and v.removal.get("random") and any(  # a detector keeps its random control
+                        w.removal and w.removal.get("fraction") == v.removal["fraction"] and w.name in only
+                        for w in variants))]
     base_cfg = _config(base, common, spec_path, "overrides")
     split_seed = base_cfg.data.split_seed if base_cfg.data.split_seed is not None else base_cfg.seed
     plan = Plan(spec_path, spec, name, out, variants, seeds, baseline=baseline, nproc=nproc, base_cfg=base_cfg)
