@@ -97,9 +97,16 @@ def _core(token: str) -> str:
 
 def eda(text: str, op: str, alpha: float, rng: np.random.Generator, language: str = "auto") -> str:
     """`text` with one EDA operation applied to n = max(1, round(alpha · words)) words (see the module doc)."""
+    words, joiner = eda_words(text, op, alpha, rng, language)
+    return joiner.join(words) if words else text
+
+
+def eda_words(text: str, op: str, alpha: float, rng: np.random.Generator,
+              language: str = "auto") -> tuple[list[str], str]:
+    """`eda` as (word slots, joiner): a replaced or inserted multi-word WordNet lemma is one slot."""
     words, joiner = split_words(text, language)
     if not words:
-        return text
+        return words, joiner
     zh = joiner == ""
     n = max(1, int(round(alpha * len(words))))
     words = list(words)
@@ -128,7 +135,7 @@ def eda(text: str, op: str, alpha: float, rng: np.random.Generator, language: st
             words = [w for i, w in enumerate(words) if i not in drop]
     else:
         raise ValueError(f"unknown EDA operation {op!r}")
-    return joiner.join(words)
+    return words, joiner
 
 
 def eda_copy(text: str, example_id: str, copy: int, epoch: int, ops, alpha: float, seed: int,
