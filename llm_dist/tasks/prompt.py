@@ -165,7 +165,7 @@ class PromptTask(ClassifyTask):
         """(B, labels): each label's best word, a word scored by the mean log-probability of its pieces."""
         ids, am, tt, pos = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch["mask_pos"]
         B = ids.shape[0]
-        scores = torch.full((B, len(self.names)), -torch.inf, device=ids.device)
+        best: list = [None] * len(self.names)  # no in-place writes: the scores keep their graph
         for m in self.mask_counts:
             if m == 1:
                 x, a, t = ids, am, tt
@@ -183,8 +183,8 @@ class PromptTask(ClassifyTask):
                     continue
                 idx = torch.tensor(pieces, device=ids.device)
                 s = logp[:, torch.arange(m, device=ids.device), idx].mean(-1)
-                scores[:, li] = torch.maximum(scores[:, li], s)
-        return scores
+                best[li] = s if best[li] is None else torch.maximum(best[li], s)
+        return torch.stack(best, dim=1)
 
     def flops_per_token(self) -> float:
         """The encoder per token plus the vocabulary head on the [MASK] slots only, spread over the
