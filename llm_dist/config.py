@@ -419,6 +419,10 @@ class RunConfig:
         for e in c.robustness.epsilons:
             if not (math.isfinite(e) and e > 0):
                 raise ConfigError(f"config key 'classify.robustness.epsilons': each must be > 0, got {e}")
+        if c.adversarial.method and self.deepspeed.config:
+            from .training.steps import DEEPSPEED_UNSUPPORTED
+
+            raise ConfigError(DEEPSPEED_UNSUPPORTED)
         if c.augment.method == "mlm" and not c.augment.mlm_path:
             raise ConfigError("config key 'classify.augment.mlm_path': missing (augment.method: mlm needs an MLM dir)")
         if self.task == "prompt":

@@ -3,6 +3,7 @@ in the ε ball, FreeLB with K = 1 and zero init is exactly the plain step, the g
 kept (one micro-batch of 8 = two of 4; 2 DDP ranks = 1 process), and a 2-rank run with augmentation,
 adversarial training and the robustness evaluation works end to end."""
 import copy
+import re
 import json
 
 import pandas as pd
@@ -164,3 +165,25 @@ def test_two_rank_run_augment_adversarial_robustness(data_dir, tokenizer_dir, tm
     assert len(aug) > 0 and aug["id"].str.endswith("#aug1").all()
     labels = {json.loads(l)["id"]: json.loads(l)["label"] for l in (d / "train.jsonl").read_text().splitlines()}
     assert {labels[i.split("#aug")[0]] for i in aug["id"]} <= {"sports", "tech"}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--classify.adversarial.method=vat", "'classify.adversarial.method': 'vat' is not one of fgm, pgd, freelb, smart"),
+    ("--classify.adversarial.epsilon=0", "'classify.adversarial.epsilon': must be > 0"),
+    ("--classify.adversarial.init=5", "'classify.adversarial.init': must be <= classify.adversarial.epsilon"),
+    ("--classify.augment.ops=[swap, shout]", "'classify.augment.ops': must be a non-empty list"),
+    ("--classify.augment.method=mlm", "'classify.augment.mlm_path': missing"),
+    ("--classify.robustness.word_rates=[1.5]", "'classify.robustness.word_rates': each must be in (0, 1]"),
+])
+def test_bad_switches_name_the_key(override, message):
+    from llm_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY, [override])
+
+
+def test_deepspeed_is_refused_with_a_reason():
+    from llm_dist.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="runs under DDP only"):
+        load_config(TINY, ["--classify.adversarial.method=fgm", "--deepspeed.config=configs/deepspeed/zero2.json"])

@@ -96,3 +96,17 @@ def test_few_shot_on_two_ranks_learns_the_verbalizer(toy, tmp_path):
     m = AutoModelForMaskedLM.from_pretrained(out / "final")
     assert m.config.vocab_size == zs.model.config.vocab_size
     assert json.loads((out / "final" / "prompt.json").read_text())["verbalizer"] == {"f": ["vehicle"], "v": ["fruit"]}
+
+
+def test_prompt_config_and_errors(toy, tmp_path):
+    from llm_dist.config import ConfigError, load_config
+    from llm_dist.data.sources import DataError
+
+    cfg = load_config("configs/prompt/bbc.yaml")
+    assert cfg.task == "prompt" and set(cfg.prompt.verbalizer) == {"business", "entertainment", "politics", "sports", "tech"}
+    with pytest.raises(ConfigError, match="'prompt.pattern': must hold exactly one"):
+        load_config("configs/prompt/bbc.yaml", ["--prompt.pattern=[MASK] [MASK] {text}"])
+    with pytest.raises(DataError, match=r"'prompt.verbalizer.f': the word 'kiwi' is not in the tokenizer"):
+        _task(toy, tmp_path, "--prompt.verbalizer={f: [kiwi], v: [vehicle]}")
+    with pytest.raises(DataError, match=r"'prompt.verbalizer': no label words for \['v'\]"):
+        _task(toy, tmp_path, "--prompt.verbalizer={f: [fruit]}")
