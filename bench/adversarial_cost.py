@@ -2,7 +2,9 @@
 same process on the same model and data: rounds of `--steps` steps per method, the methods interleaved
 round by round (so a load change on a shared machine hits all of them alike), the first round discarded
 as warm-up; prints the median step time of each method and its ratio to the plain step's, with the
-forward / parameter-backward passes per micro-batch that explain it.
+forward / parameter-backward passes per micro-batch that explain it. On a CPU the ratio is of the
+process's CPU time (`time.process_time`: what the step costs, whatever else the shared cores run); wall
+time is printed beside it. On a GPU both are wall time after a synchronize.
 
     python bench/adversarial_cost.py                          # tiny classify on BBC News, batch 16, 1 process
     python bench/adversarial_cost.py --config configs/classify/minilm_bbc.yaml --steps 3 --rounds 3
@@ -58,6 +60,9 @@ def main(argv=None) -> int:
     adv = cfg.classify.adversarial
     steps = {m: PlainStep() if m == "plain" else STEP_STRATEGIES[m](adv) for m in METHODS}
     times = {m: [] for m in METHODS}
+    walls = {m: [] for m in METHODS}
+    gpu = acc.device.type == "cuda"
+    clock = time.perf_counter if gpu else time.process_time
 
     def batch():
         b = task.next_batch()
@@ -67,26 +72,34 @@ def main(argv=None) -> int:
         for m in METHODS:
             for _ in range(a.steps):
                 micro = [batch() for _ in range(cfg.grad_accum)]
-                if acc.device.type == "cuda":
+                if gpu:
                     torch.cuda.synchronize()
-                t = time.perf_counter()
+                t, w = clock(), time.perf_counter()
                 steps[m](model, task, micro, acc, acc.num_processes)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                if acc.device.type == "cuda":
+                if gpu:
                     torch.cuda.synchronize()
                 if rnd > 0:
-                    times[m].append(time.perf_counter() - t)
+                    times[m].append(clock() - t)
+                    walls[m].append(time.perf_counter() - w)
     base = statistics.median(times["plain"])
     rows = {}
-    print(f"{'method':8} {'fwd':>4} {'bwd':>4} {'s/step':>8} {'x plain':>8}   ({cpu_name() if acc.device.type == 'cpu' else torch.cuda.get_device_name()}, "
-          f"batch {cfg.batch_size} x accum {cfg.grad_accum}, K={adv.steps})")
+    kind = "wall s" if gpu else "cpu s"
+    print(f"{'method':8} {'fwd':>4} {'bwd':>4} {kind + '/step':>11} {'x plain':>8} {'wall s/step':>12}   "
+          f"({torch.cuda.get_device_name() if gpu else cpu_name()}, batch {cfg.batch_size} x accum {cfg.grad_accum}, "
+          f"K={adv.steps})")
+    wbase = statistics.median(walls["plain"])
     for m in METHODS:
         med = statistics.median(times[m])
         s = steps[m]
-        rows[m] = {"seconds_per_step": med, "relative_to_plain": med / base, "forwards": getattr(s, "forwards", 1),
-                   "param_backwards": getattr(s, "backwards", 1), "steps_timed": len(times[m])}
-        print(f"{m:8} {rows[m]['forwards']:>4} {rows[m]['param_backwards']:>4} {med:8.4f} {med / base:8.2f}")
+        wmed = statistics.median(walls[m])
+        rows[m] = {"seconds_per_step": med, "clock": "wall" if gpu else "process_cpu", "relative_to_plain": med / base,
+                   "wall_seconds_per_step": wmed, "wall_relative_to_plain": wmed / wbase,
+                   "forwards": getattr(s, "forwards", 1), "param_backwards": getattr(s, "backwards", 1),
+                   "steps_timed": len(times[m])}
+        print(f"{m:8} {rows[m]['forwards']:>4} {rows[m]['param_backwards']:>4} {med:11.4f} {med / base:8.2f} "
+              f"{wmed:12.4f}")
     write_report({"config": a.config, "overrides": a.overrides, "device": str(acc.device), "cpu": cpu_name(),
                   "threads": a.threads, "adversarial": vars(adv), "methods": rows}, a.out)
     return 0

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PY, ROOT, launch, read_metrics, read_run, run_env
+from conftest import ROOT, launch, read_metrics, read_run, run_env
 from issue15_helpers import write_bbc_subset
-from llm_dist.training.steps import STEP_STRATEGIES, FreeLBStep, PlainStep, project, row_norms
+from llm_dist.training.steps import STEP_STRATEGIES, PlainStep, project, row_norms
 
 TINY = "configs/classify/tiny.yaml"
 

@@ -3,7 +3,6 @@ own MLM dir; multi-token label words score by their mean log-probability; few-sh
 pattern on 2 ranks learns a verbalizer that zero-shot gets wrong, and exports a loadable MLM."""
 import json
 
-import numpy as np
 import pytest
 import torch
 

@@ -48,6 +48,5 @@ for name, cls in STEP_STRATEGIES.items():
                          "norms": getattr(step, "last_norms", None) is not None and step.last_norms.tolist()}
     acc.wait_for_everyone()
 if acc.is_main_process:
-    plain = None
     json.dump(results, open(out, "w"))
 acc.wait_for_everyone()

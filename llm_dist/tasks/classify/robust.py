@@ -104,8 +104,6 @@ class TrainAugmentation:
 def perturbed_split(task, split: str, rate: float) -> str:
     """Register `split` with every text perturbed by one EDA op (drawn from `robustness.ops`) changing a
     `rate` fraction of its words, seeded per id; returns the new split's key."""
-    from ...data.classify import tokenize_split
-
     r = task.cfg.classify.robustness
     key = f"{split}@words{rate:g}"
     if key not in task.data:
