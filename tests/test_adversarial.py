@@ -34,7 +34,7 @@ def setup(data_dir, tmp_path_factory, tokenizer_dir):
         f"--data.train={d}/train.jsonl", f"--data.validation={d}/validation.jsonl", f"--data.test={d}/test.jsonl",
         f"--output_dir={tmp_path_factory.mktemp('advrun')}", f"--tokenizer.path={tokenizer_dir}", "--batch_size=8",
         "--model.hidden_dropout=0", "--model.attention_dropout=0"])
-    acc = Accelerator(cpu=True)
+    acc = Accelerator()
     torch.manual_seed(0)
     task = ClassifyTask(cfg, acc)
     batch = task.collate["train"](list(range(8)))
@@ -100,7 +100,7 @@ def test_smart_regulariser_runs_in_the_ball(setup):
     assert isinstance(step, STEP_STRATEGIES["smart"])
 
 
-@pytest.mark.parametrize("method", ["fgm", "pgd", "freelb"])
+@pytest.mark.parametrize("method", ["fgm", "freelb"])
 def test_global_count_scaling_over_micro_batches(setup, method):
     """One micro-batch of 8 and two of 4 give the same gradient: each pass's summed loss is divided by the
     step's global example count, not by its micro-batch's."""
@@ -141,14 +141,14 @@ def test_two_rank_run_augment_adversarial_robustness(data_dir, tokenizer_dir, tm
     d, out = data_dir, tmp_path / "run"
     launch(TINY, f"--output_dir={out}", f"--data.train={d}/train.jsonl", f"--data.validation={d}/validation.jsonl",
            f"--data.test={d}/test.jsonl", "--data.id_column=id", f"--tokenizer.path={tokenizer_dir}", "--batch_size=8",
-           "--max_steps=10",
-           "--eval_every=0", "--log_every=5", "--tracking.progress=false", "--classify.augment.method=eda",
+           "--max_steps=6",
+           "--eval_every=0", "--log_every=3", "--tracking.progress=false", "--classify.augment.method=eda",
            "--classify.augment.classes=[sports, tech]", "--classify.adversarial.method=fgm",
            "--classify.adversarial.epsilon=0.5", "--classify.robustness.enabled=true",
            "--classify.robustness.word_rates=[0.3]", "--classify.robustness.epsilons=[0.5, 50.0]",
            "--classify.robustness.attack_steps=2", "--dynamics.enabled=true", "--dynamics.analyze=false")
     run = read_run(out)
-    assert run["world_size"] == 2 and run["final_step"] == 10
+    assert run["world_size"] == 2 and run["final_step"] == 6
     assert len(set(run["param_checksums"])) == 1  # replicas in sync
     rows = [r for r in read_metrics(out) if "adv_norm" in r]
     assert len(rows) == 2 and all(abs(r["adv_norm"] - 0.5) < 1e-4 for r in rows)

@@ -74,7 +74,7 @@ def aug_task(tmp_path_factory, tokenizer_dir):
         f"--output_dir={tmp_path_factory.mktemp('augrun')}", f"--tokenizer.path={tokenizer_dir}", "--batch_size=8",
         "--classify.augment.method=eda", "--classify.augment.copies=2", "--classify.augment.alpha=0.2",
         "--classify.augment.classes=[sports, tech]"])
-    return ClassifyTask(cfg, Accelerator(cpu=True))
+    return ClassifyTask(cfg, Accelerator())
 
 
 def test_training_split_gains_targeted_copies(aug_task):

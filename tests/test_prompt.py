@@ -28,7 +28,7 @@ def _task(toy, tmp_path, *overrides):
     cfg = load_config(TINY, ["--task=prompt", f"--data.train={d}/train.jsonl", f"--data.validation={d}/validation.jsonl",
                              f"--data.test={d}/test.jsonl", f"--output_dir={tmp_path}", f"--model.path={mlm}",
                              "--batch_size=8", "--data.max_length=32", *overrides])
-    return make_task(cfg, Accelerator(cpu=True))
+    return make_task(cfg, Accelerator())
 
 
 def test_zero_shot_beats_chance(toy, tmp_path):
