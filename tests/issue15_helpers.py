@@ -53,6 +53,8 @@ def toy_mlm(out: Path, steps: int = 150) -> Path:
     corpus = [" ".join(rng.sample(w, 3)) + f" this is about {tag} ." for w, tag in
               [(FRUIT, "fruit")] * 200 + [(VEHICLE, "vehicle")] * 200]
     tok = train_wordpiece(corpus, 200)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is as fast and does not thrash a busy machine
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                        intermediate_size=128, max_position_embeddings=64,
@@ -73,6 +75,7 @@ def toy_mlm(out: Path, steps: int = 150) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    torch.set_num_threads(threads)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
