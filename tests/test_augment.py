@@ -128,3 +128,36 @@ def test_mlm_contextual_batched_and_reproducible(tmp_path, tokenizer_dir):
         w, o = text.split(), out.split()
         assert len(o) == len(w) and sum(a != b for a, b in zip(w, o)) == max(1, round(0.25 * len(w)))
     assert batched[0] != batched[2]  # another copy, other words
+
+
+def test_mlm_augmentation_in_the_training_split(tmp_path, tokenizer_dir):
+    """`classify.augment.method: mlm`: copies made by the MLM at collate time, minority classes only."""
+    from accelerate import Accelerator
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from llm_dist.config import load_config
+    from llm_dist.tasks.classify.task import ClassifyTask
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(tmp_path / "mlm")
+    tok.save_pretrained(tmp_path / "mlm")
+    d = write_bbc_subset(tmp_path / "data", words=20)
+    cfg = load_config("configs/classify/tiny.yaml", [
+        f"--data.train={d}/train.jsonl", f"--data.validation={d}/validation.jsonl", f"--data.test={d}/test.jsonl",
+        f"--output_dir={tmp_path / 'run'}", f"--tokenizer.path={tokenizer_dir}", "--batch_size=8",
+        "--classify.augment.method=mlm", f"--classify.augment.mlm_path={tmp_path / 'mlm'}",
+        "--classify.augment.minority=true", "--classify.augment.alpha=0.2"])
+    t = ClassifyTask(cfg, Accelerator())
+    aug = t.augmentation
+    counts = Counter(t.data["train"]["labels"][:aug.n_orig])
+    mean = sum(counts.values()) / len(counts)
+    assert aug.target_classes == sorted(t.names[k] for k, c in counts.items() if c < mean) and aug.slots
+    src, slot = aug.slots[0][0], aug.n_orig
+    a = t.collate["train"]([src, slot])
+    b = t.collate["train"]([slot])
+    assert not torch.equal(a["input_ids"][0], a["input_ids"][1]) and torch.equal(a["input_ids"][1], b["input_ids"][0])
+    orig = t.tokenizer.decode(a["input_ids"][0], skip_special_tokens=True).split()
+    new = t.tokenizer.decode(a["input_ids"][1], skip_special_tokens=True).split()
+    assert len(orig) == len(new) and 1 <= sum(x != y for x, y in zip(orig, new)) <= round(0.2 * 20) + 1
