@@ -184,6 +184,66 @@ class PeftConfig:
     target_r: int = 4  # adalora
 
 
+# ----------------------------------------------------------------------------- augmentation, adversarial, prompts
+AUGMENT_OPS = ("synonym", "insert", "swap", "delete")
+
+
+@dataclass
+class AugmentConfig:
+    """On-the-fly training-set augmentation (llm_dist/data/augment/): `copies` augmented copies of each
+    (targeted) training example, drawn afresh each epoch, seeded per (id, copy, epoch); originals kept.
+    Copy j of example ID has the id `ID#augj`."""
+
+    method: str | None = None  # eda (Wei & Zou 2019) | mlm (contextual replacement with an MLM)
+    copies: int = 1  # augmented copies per example
+    alpha: float = 0.1  # fraction of the words each copy changes (at least one)
+    ops: list[str] = field(default_factory=lambda: list(AUGMENT_OPS))  # eda: one op per copy, drawn from these
+    classes: list[str] | None = None  # class-targeted: augment only these labels …
+    minority: bool = False  # … or only classes with fewer training examples than the mean per class
+    mlm_path: str | None = None  # mlm: a masked-LM dir (our MLM final/, or any local one)
+    top_k: int = 10  # mlm: sample a replacement among the k most likely tokens
+    language: str = "auto"  # auto | en | zh (zh: words segmented with jieba)
+    seed: int = 0
+
+
+@dataclass
+class AdversarialConfig:
+    """Adversarial training on the input embeddings (training/steps.py). Norms are per example, over all
+    of its token embeddings (L2)."""
+
+    method: str | None = None  # fgm | pgd | freelb | smart
+    epsilon: float = 1.0  # radius of the perturbation ball (fgm: the perturbation's norm)
+    step_size: float = 0.3  # pgd / freelb / smart: the norm of each ascent step
+    steps: int = 3  # pgd / freelb: ascent steps K; smart: ascent steps before the regulariser
+    init: float = 0.0  # freelb: initial perturbation drawn uniformly in a ball of this radius (0: zero)
+    smart_weight: float = 1.0  # smart: weight of the smoothness (symmetric KL) term
+    smart_sigma: float = 1e-3  # smart: std of the random initial perturbation (per coordinate)
+
+
+@dataclass
+class RobustnessConfig:
+    """Test accuracy under word-level perturbation (EDA ops at each rate) and under an embedding-space PGD
+    attack at each epsilon, next to clean accuracy: `robustness.json` and run.json's `robustness`."""
+
+    enabled: bool = False
+    word_rates: list[float] = field(default_factory=lambda: [0.1, 0.2])
+    ops: list[str] = field(default_factory=lambda: list(AUGMENT_OPS))
+    epsilons: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    attack_steps: int = 3  # PGD steps of the embedding attack (step size 2.5·ε / steps)
+    seed: int = 0
+
+
+@dataclass
+class PromptConfig:
+    """`task: prompt`: PET-style classification with the MLM head (tasks/prompt.py). The pattern holds
+    `{text}` and one `[MASK]` slot; the verbalizer maps each label to one or more words (a multi-token word
+    fills as many [MASK]s and is scored by the mean log-probability of its tokens; a label scores as its
+    best word). Zero-shot: `classify.epochs: 0`; few-shot: train through the pattern."""
+
+    pattern: str = "{text} this is about [MASK] ."
+    verbalizer: dict[str, list[str]] = field(default_factory=dict)
+
+
 @dataclass
 class ClassifyConfig:
     epochs: float = 3.0  # used when max_steps is 0
@@ -197,6 +257,9 @@ class ClassifyConfig:
     early_stopping_patience: int = 0  # evals without improvement; 0: off
     report_every_epoch: bool = False
     peft: PeftConfig = field(default_factory=PeftConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
 
 @dataclass
@@ -268,6 +331,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     then: str | None = None  # a second config to run after this one (the demo: pretrain → classify)
 
     def validate(self) -> "RunConfig":
@@ -310,6 +374,7 @@ class RunConfig:
             raise ConfigError(f"config key 'model.preset': unknown preset '{self.model.preset}' "
                               f"(one of {', '.join(MODEL_PRESETS)})")
         self._check_ranges()
+        self._check_robustness_keys()
         for i, src in enumerate(self.data.sources):
             if (src.name is None) == (src.path is None):
                 raise ConfigError(f"config key 'data.sources.{i}': give exactly one of 'name' or 'path'")
@@ -398,6 +463,67 @@ class RunConfig:
             if not (math.isfinite(src.weight) and src.weight > 0):
                 raise ConfigError(f"config key 'data.sources.{i}.weight': must be > 0, got {src.weight}")
 
+
+    def _check_robustness_keys(self) -> None:
+        """classify.augment / classify.adversarial / classify.robustness / prompt (issue 15)."""
+        c = self.classify
+        choices = {"classify.augment.method": (None, "eda", "mlm"),
+                   "classify.adversarial.method": (None, "fgm", "pgd", "freelb", "smart"),
+                   "classify.augment.language": ("auto", "en", "zh")}
+        for key, allowed in choices.items():
+            if _get(self, key) not in allowed:
+                raise ConfigError(f"config key '{key}': {_get(self, key)!r} is not one of "
+                                  f"{', '.join(str(a) for a in allowed if a)}")
+        for key in ("classify.augment.ops", "classify.robustness.ops"):
+            bad = [o for o in _get(self, key) if o not in AUGMENT_OPS]
+            if bad or not _get(self, key):
+                raise ConfigError(f"config key '{key}': must be a non-empty list of {', '.join(AUGMENT_OPS)}, "
+                                  f"got {_get(self, key)}")
+        for key in ("classify.augment.copies", "classify.augment.top_k", "classify.adversarial.steps",
+                    "classify.robustness.attack_steps"):
+            if _get(self, key) < 1:
+                raise ConfigError(f"config key '{key}': must be >= 1, got {_get(self, key)}")
+        for key in ("classify.augment.alpha",):
+            v = _get(self, key)
+            if not (math.isfinite(v) and 0 < v <= 1):
+                raise ConfigError(f"config key '{key}': must be in (0, 1], got {v}")
+        for key in ("classify.adversarial.epsilon", "classify.adversarial.step_size",
+                    "classify.adversarial.smart_sigma"):
+            v = _get(self, key)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"config key '{key}': must be > 0, got {v}")
+        for key in ("classify.adversarial.init", "classify.adversarial.smart_weight"):
+            v = _get(self, key)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"config key '{key}': must be >= 0, got {v}")
+        if c.adversarial.init > c.adversarial.epsilon:
+            raise ConfigError(f"config key 'classify.adversarial.init': must be <= classify.adversarial.epsilon "
+                              f"({c.adversarial.epsilon}), got {c.adversarial.init}")
+        for r in c.robustness.word_rates:
+            if not (math.isfinite(r) and 0 < r <= 1):
+                raise ConfigError(f"config key 'classify.robustness.word_rates': each must be in (0, 1], got {r}")
+        for e in c.robustness.epsilons:
+            if not (math.isfinite(e) and e > 0):
+                raise ConfigError(f"config key 'classify.robustness.epsilons': each must be > 0, got {e}")
+        if c.adversarial.method and self.deepspeed.config:
+            from .training.steps import DEEPSPEED_UNSUPPORTED
+
+            raise ConfigError(DEEPSPEED_UNSUPPORTED)
+        if c.augment.method == "mlm" and not c.augment.mlm_path:
+            raise ConfigError("config key 'classify.augment.mlm_path': missing (augment.method: mlm needs an MLM dir)")
+        if self.task == "prompt":
+            p = self.prompt
+            if p.pattern.count("[MASK]") != 1 or p.pattern.count("{text}") != 1:
+                raise ConfigError(f"config key 'prompt.pattern': must hold exactly one {{text}} and one [MASK], "
+                                  f"got {p.pattern!r}")
+            if not isinstance(p.verbalizer, dict) or not p.verbalizer:
+                raise ConfigError("config key 'prompt.verbalizer': missing (a mapping label -> word or list of words)")
+            for label, words in p.verbalizer.items():
+                words = [words] if isinstance(words, str) else words
+                if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+                    raise ConfigError(f"config key 'prompt.verbalizer.{label}': must be a word or a list of words, "
+                                      f"got {words!r}")
+                p.verbalizer[label] = words
 
 def _field(name: str) -> str:
     """The dataclass attribute of a config key: a Python keyword (`dynamics.pass`) is stored with a `_`."""
@@ -583,8 +709,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 # path-valued keys where `pkg:PACKAGE/sub/path` names a file or folder inside an installed package
-PATH_KEYS = ("model.path", "tokenizer.path", "data.train", "data.validation", "data.test", "data.audit",
-             "data.filter.exclude_ids",
+PATH_KEYS = ("model.path", "tokenizer.path", "classify.augment.mlm_path", "data.train", "data.validation", "data.test",
+             "data.audit", "data.filter.exclude_ids",
              "deepspeed.config", "then")
 SOURCE_PATH_KEYS = ("path", "exclude_ids", "exclude_splits_of")
 

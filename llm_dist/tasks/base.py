@@ -117,6 +117,18 @@ class Task(ABC):
     def early_stopping_patience(self) -> int:
         return 0
 
+    def logits(self, model, batch: dict) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """(logits with their graph, each row's weight): for the SMART regulariser and robustness attacks."""
+        from ..config import ConfigError
+
+        raise ConfigError(f"config key 'classify.adversarial.method': task {self.name!r} has no per-example logits")
+
+    def loss_from_logits(self, logits: "torch.Tensor", batch: dict) -> LossOutput:
+        """The `loss()` of a batch whose logits `logits(model, batch)` already computed."""
+        from ..config import ConfigError
+
+        raise ConfigError(f"config key 'classify.adversarial.method': task {self.name!r} has no per-example logits")
+
 
 _REGISTRY: dict[str, type[Task]] = {}
 
@@ -130,7 +142,7 @@ def register(name: str):
     return wrap
 
 
-BUILTIN_TASKS = ("mlm", "classify")
+BUILTIN_TASKS = ("mlm", "classify", "prompt")
 
 
 def task_names() -> list[str]:
@@ -151,4 +163,4 @@ def make_task(cfg, accelerator, checked=None) -> Task:
 
 
 def _load_builtins() -> None:
-    from . import classify, mlm  # noqa: F401 - their @register decorators fill the registry
+    from . import classify, mlm, prompt  # noqa: F401 - their @register decorators fill the registry

@@ -140,7 +140,7 @@ def check_data(cfg: RunConfig, world_size: int, pinned: Path | None):
     """Classify: the splits, fully validated (returned, to be written by the task). MLM: the sources."""
     from ..data.sources import DataError
 
-    if cfg.task == "classify":
+    if cfg.task in ("classify", "prompt"):
         from ..data.classify import load_splits
 
         if cfg.data.audit and not Path(cfg.data.audit).is_file():

@@ -51,8 +51,13 @@ class ClassifyTask(Task):
         self.names = [self.id2label[i] for i in range(len(self.id2label))]
         train_texts = list(self.splits["train"]["text"])
         self.tokenizer = get_tokenizer(cfg, accelerator, lambda n: iter(train_texts[:n] if n else train_texts))
-        self.data = {s: tokenize_split(ds, self.tokenizer, self.label2id, d.max_length, d.truncation, d.head_fraction)
-                     for s, ds in self.splits.items()}
+        self.data = {s: self.tokenize_split(ds) for s, ds in self.splits.items()}
+        self.augmentation = None
+        if c.augment.method:  # classify.augment: augmented slots appended to the training split (robust.py)
+            from .robust import TrainAugmentation
+
+            self.augmentation = TrainAugmentation(cfg, self.splits["train"], self.data["train"], self.tokenizer,
+                                                  self.names, accelerator.device)
         train = self.data["train"]
         counts = np.bincount(train["labels"], minlength=len(self.names))
         self.prior = counts / counts.sum()
@@ -61,13 +66,26 @@ class ClassifyTask(Task):
         self.batches = GlobalBatches(train["lengths"], train["labels"], cfg.batch_size * cfg.grad_accum * world,
                                      cfg.batch_size, accelerator.process_index, world, cfg.seed,
                                      d.group_by_length and not d.pad_to_max_length, c.resample, d.drop_last)
-        self.model = build_classifier(cfg, self.tokenizer, self.id2label, self.total_steps)
-        pad_to = d.max_length if d.pad_to_max_length else None
-        self.collate = {s: Collate(self.data[s], self.tokenizer.pad_token_id, pad_to) for s in self.data}
+        self.model = self.build_model()
+        self.collate = {s: self.make_collate(self.data[s]) for s in self.data}
+        if self.augmentation is not None:
+            self.collate["train"] = self.augmentation.collate(self.collate["train"])
         self._pending: list = []
         self._eval_loaders = {}
         self.leaked = self._leaked_ids()
         self.steps_per_epoch = self.batches.steps_per_epoch
+
+    # --- what a subclass (tasks/prompt.py) may change ----------------------------------------------
+    def tokenize_split(self, ds) -> dict:
+        d = self.cfg.data
+        return tokenize_split(ds, self.tokenizer, self.label2id, d.max_length, d.truncation, d.head_fraction)
+
+    def make_collate(self, data: dict):
+        d = self.cfg.data
+        return Collate(data, self.tokenizer.pad_token_id, d.max_length if d.pad_to_max_length else None)
+
+    def build_model(self):
+        return build_classifier(self.cfg, self.tokenizer, self.id2label, self.total_steps)
 
     # --- the loop's view --------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -84,6 +102,8 @@ class ClassifyTask(Task):
             self._pending = [(ix, epoch, start + (i * b.world + b.rank) * b.micro)
                              for i, ix in enumerate(b.step_indices())]
         ix, epoch, first = self._pending.pop(0)
+        if self.augmentation is not None:
+            self.augmentation.epoch = epoch  # augmented copies are drawn afresh each epoch
         batch = self.collate["train"](ix)
         batch["epoch"] = torch.full_like(batch["idx"], epoch)
         batch["pos"] = torch.arange(first, first + len(batch["idx"]))
@@ -118,9 +138,14 @@ class ClassifyTask(Task):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      token_type_ids=batch["token_type_ids"]).logits
 
+    def logits(self, model, batch: dict):
+        return self._forward(model, batch), batch["weight"]
+
     def loss(self, model, batch: dict) -> LossOutput:
+        return self.loss_from_logits(self._forward(model, batch), batch)
+
+    def loss_from_logits(self, logits, batch: dict) -> LossOutput:
         c = self.cfg.classify
-        logits = self._forward(model, batch)
         losses = per_example_loss(logits, batch["labels"], self.weights, c.focal_gamma, self.log_prior,
                                   c.logit_adjustment) * batch["weight"]
         correct = ((logits.argmax(-1) == batch["labels"]).float() * batch["weight"]).sum()
@@ -137,7 +162,11 @@ class ClassifyTask(Task):
         return flops_per_token(cfg, self.cfg.data.max_length, head_params=cfg.hidden_size * (cfg.hidden_size + len(self.names)))
 
     def log_row(self, sums: dict, count: float) -> dict:
-        return {"train_accuracy": sums.get("correct", 0.0) / max(count, 1.0)}
+        row = {"train_accuracy": sums.get("correct", 0.0) / max(count, 1.0)}
+        if "adv_rows" in sums:  # an adversarial step strategy (training/steps.py)
+            row["adv_norm"] = sums["adv_norm"] / max(sums["adv_rows"], 1.0)  # mean per-example ‖δ‖
+            row["adv_loss"] = sums["adv_loss"] / max(count, 1.0)  # the perturbed pass's loss (SMART: the KL)
+        return row
 
     # --- evaluation -------------------------------------------------------------------------------
     def _leaked_ids(self) -> set | None:
@@ -252,7 +281,15 @@ class ClassifyTask(Task):
             write_text_atomic(out / "test_metrics.json", json.dumps(m, indent=1))
             plot_confusion(m["confusion_matrix"], self.names, out / "confusion_matrix.png", "test confusion matrix")
             print(f"test report ({out}):\n{text}", flush=True)
+        if self.cfg.classify.robustness.enabled:
+            from .robust import robustness_report
+
+            rob = robustness_report(self, model, out, m["accuracy"])
+            result["robustness"] = rob
         row = {f"test_{k}": v for k, v in result["test"].items()}
+        if "robustness" in result:
+            row.update({f"robust_words_{k}": v for k, v in result["robustness"]["word_level"].items()})
+            row.update({f"robust_emb_{k}": v for k, v in result["robustness"]["embedding"].items()})
         if "test_clean" in result:
             row.update({f"test_clean_{k}": v for k, v in result["test_clean"].items()})
         return FinalReport(result, row)
