@@ -391,7 +391,7 @@ def write_plan(plan: Plan) -> None:
     runs = ([plan.scoring] if plan.scoring else []) + plan.runs
     for r in runs:
         prev = old.get(r.key)
-        if prev is not None and prev != json.loads(json.dumps(r.cfg)) and (r.out / "config.yaml").exists():
+        if prev is not None and (r.out / "config.yaml").exists() and _first_diff(prev, r.cfg) is not None:
             diff = _first_diff(prev, r.cfg)
             raise ExperimentError(f"{plan.out}: run {r.key} was started with another config ({diff}); use a new "
                                   f"output_dir, or remove {r.out}")
@@ -405,9 +405,15 @@ def write_plan(plan: Plan) -> None:
                                      default=str))
 
 
-def _first_diff(a, b, prefix="") -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_diff(a.get(k), b.get(k), f"{prefix}{k}.")
-    return f"{prefix.rstrip('.')}: {a!r} → {b!r}"
+def _first_diff(old, new, prefix=""):
+    """The first key whose value differs ("key: old → new"), None when none does. A key the old config
+    lacks is not a difference: a newer llm_dist adds keys whose defaults keep the old behaviour."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(old):
+            d = _first_diff(old[k], new.get(k), f"{prefix}{k}.")
+            if d is not None:
+                return d
+        return None
+    if old != json.loads(json.dumps(new, default=str)):
+        return f"{prefix.rstrip('.')}: {old!r} → {new!r}"
+    return None
