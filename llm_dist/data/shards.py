@@ -265,6 +265,9 @@ class ShardCorpus:
         if sources is not None and len(sources) != len(self.manifest["sources"]):
             raise ConfigError(f"config key 'data.shards': {path} holds {len(self.manifest['sources'])} source(s), "
                               f"data.sources has {len(sources)}")
+        if sources and len({s.weight for s in sources}) > 1:
+            raise ConfigError("config key 'data.sources': weights are not applied when streaming from data.shards "
+                              "(the shards' sources are read as one corpus); drop the weights or the shards")
         self.sources = sources
         self._tokens: dict[int, np.ndarray] = {}
         self._offsets: dict[int, np.ndarray] = {}
