@@ -220,3 +220,72 @@ def test_two_ranks_train_from_shards_with_document_mask_and_resume_exactly(shard
     fa = {r["step"]: r["batch_fingerprint"] for r in read_metrics(full) if "loss" in r}
     fb = {r["step"]: r["batch_fingerprint"] for r in read_metrics(cut) if "loss" in r}
     assert fa == fb
+
+
+def test_flash_and_flex_get_position_ids_only_and_transformers_finds_the_documents(tok):
+    """For flash / flex attention (GPU) the task passes no dense mask, only the restarting position ids;
+    transformers then detects the packed documents itself. Checked on CPU: the same model under SDPA fed
+    that way equals the explicit block-diagonal mask."""
+    from types import SimpleNamespace
+
+    from llm_dist.tasks.mlm import MLMTask
+
+    pos, seg = document_positions([[6, 10], [16]], 16)
+    batch = {"attention_mask": torch.ones(2, 16, dtype=torch.long), "position_ids": pos, "doc_segments": seg}
+    task = MLMTask.__new__(MLMTask)
+    task.acc = SimpleNamespace(mixed_precision="bf16")
+    for impl, want in (("flash_attention_2", None), ("flex_attention", None), ("sdpa", torch.bool),
+                       ("eager", torch.bfloat16)):
+        task.model = SimpleNamespace(config=SimpleNamespace(_attn_implementation=impl))
+        got = task.model_inputs(None, batch)
+        assert torch.equal(got["position_ids"], pos)
+        assert (got["attention_mask"] is None) if want is None else (got["attention_mask"].dtype == want
+                                                                     and got["attention_mask"].shape == (2, 1, 16, 16))
+    task.model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    assert "position_ids" not in task.model_inputs(None, {"attention_mask": batch["attention_mask"]})
+    torch.manual_seed(0)
+    model = AutoModel.from_config(preset_config("tiny", tok, RunConfig().model), attn_implementation="sdpa").eval()
+    ids = torch.randint(5, len(tok), (2, 16))
+    with torch.no_grad():
+        explicit = model(input_ids=ids, attention_mask=document_attention_mask(seg), position_ids=pos).last_hidden_state
+        implicit = model(input_ids=ids, attention_mask=None, position_ids=pos).last_hidden_state
+    torch.testing.assert_close(explicit, implicit, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_bench_plan_skips_compile_until_the_key_exists(monkeypatch):
+    """bench/gpu.sh's plan: no compile column while the config has no `compile` key, one once it has."""
+    import dataclasses
+    import sys
+
+    sys.path.insert(0, "bench")
+    import gpu_bench
+
+    runs, notes = gpu_bench.plan(dry_run=True)
+    assert [n for n, _ in runs] == ["seq128_sdpa", "seq512_sdpa"] and any("compile: skipped" in n for n in notes)
+    assert gpu_bench.has_config_key("data.shards") and not gpu_bench.has_config_key("data.nope")
+    import llm_dist.config as config
+
+    Patched = dataclasses.make_dataclass("RunConfig", [("compile", bool, dataclasses.field(default=False))],
+                                         bases=(config.RunConfig,))
+    monkeypatch.setattr(config, "RunConfig", Patched)
+    runs, _ = gpu_bench.plan(dry_run=True)
+    assert "seq128_sdpa_compile" in [n for n, _ in runs]
+
+
+@pytest.mark.slow
+def test_gpu_sh_dry_run_prints_the_table(shards, tmp_path):
+    """bench/gpu.sh --dry-run on this CPU: the plan's runs (tiny model, 3 steps each, from the given shards)
+    and the table read back from the run dirs."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "gpu"
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": os.getcwd(), "SHARDS": str(shards["dir"])}
+    proc = subprocess.run(["bash", "bench/gpu.sh", "--dry-run", "--out", str(out)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((out / "table.json").read_text())
+    assert [r["run"] for r in rows] == ["seq128_sdpa", "seq512_sdpa"] and [r["seq_len"] for r in rows] == [128, 512]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_gb"] > 0 and r["mem_kind"] == "rss"
+               for r in rows)
+    assert "tokens/s" in proc.stdout and "seq512_sdpa" in proc.stdout and "compile: skipped" in proc.stdout

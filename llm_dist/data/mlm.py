@@ -468,16 +468,19 @@ def document_positions(doc_lens: list[list[int]], seq_len: int) -> tuple[torch.T
     """(position_ids, doc_segments), each (batch, seq_len) long: per sequence, the positions count from 0 at
     the start of every document run (`doc_lens`: the token counts of the runs, summing to seq_len), and the
     segment is the run's index."""
-    pos = torch.empty(len(doc_lens), seq_len, dtype=torch.long)
-    seg = torch.empty(len(doc_lens), seq_len, dtype=torch.long)
-    for b, lens in enumerate(doc_lens):
-        if sum(lens) != seq_len:
-            raise ValueError(f"document runs of sequence {b} cover {sum(lens)} tokens, not {seq_len}")
-        lens_t = torch.tensor(lens, dtype=torch.long)
-        seg[b] = torch.repeat_interleave(torch.arange(len(lens)), lens_t)
-        starts = torch.cumsum(lens_t, 0) - lens_t
-        pos[b] = torch.arange(seq_len) - starts[seg[b]]
-    return pos, seg
+    counts = [len(lens) for lens in doc_lens]
+    runs = np.fromiter((n for lens in doc_lens for n in lens), dtype=np.int64, count=sum(counts))
+    sums = np.add.reduceat(runs, np.cumsum([0] + counts[:-1])) if runs.size else np.zeros(0, np.int64)
+    bad = np.nonzero(sums != seq_len)[0]
+    if bad.size:
+        raise ValueError(f"document runs of sequence {bad[0]} cover {sums[bad[0]]} tokens, not {seq_len}")
+    run = np.repeat(np.arange(runs.size), runs)  # each token's run, over the whole batch (numpy: one pass)
+    starts = np.cumsum(runs) - runs
+    first_run = np.repeat(np.cumsum([0] + counts[:-1]), seq_len)
+    pos = np.arange(run.size) - starts[run]
+    seg = run - first_run
+    shape = (len(doc_lens), seq_len)
+    return torch.from_numpy(pos.reshape(shape)), torch.from_numpy(seg.reshape(shape))
 
 
 def document_attention_mask(doc_segments: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

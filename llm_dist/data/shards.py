@@ -172,7 +172,9 @@ def prepare(sources: list[SourceConfig], tokenizer, out: str | Path, shard_bytes
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
 
-        ctx = mp.get_context("spawn")  # no fork of a process holding tokenizer threads
+        # fork where there is one (no re-import per worker; the workers load their own tokenizer without
+        # parallelism, so no inherited tokenizer thread pool is used); spawn elsewhere
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
                       initargs=(str(out), str(tok_dir), [asdict(s) for s in sources], tok_hash)) as pool:
             for rec in pool.imap_unordered(_work, todo):
