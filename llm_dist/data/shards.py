@@ -276,6 +276,13 @@ class ShardCorpus:
         self._ids: dict[int, list[str]] = {}
         self._keep: dict = {}
 
+    def __getstate__(self) -> dict:
+        """Pickled (into DataLoader workers) without the opened memmaps, which would be copied whole: each
+        worker maps the files itself."""
+        st = dict(self.__dict__)
+        st.update(_tokens={}, _offsets={}, _ids={}, _keep={})
+        return st
+
     def _open(self, i: int) -> None:
         if i in self._tokens:
             return
