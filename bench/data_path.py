@@ -143,7 +143,7 @@ def train_run(out: Path, tok_dir: Path, shards_dir: Path, nproc: int, steps: int
 
     overrides = [f"--output_dir={out}", f"--tokenizer.path={tok_dir}", f"--data.shards={shards_dir}",
                  f"--data.seq_len={args.seq_len}", f"--batch_size={args.batch_size}", f"--max_steps={steps}",
-                 f"--log_every={max(steps // 10, 1)}", "--tracking.progress=false", *extra]
+                 f"--log_every={max(steps // 10, 1)}", "--tracking.progress=false", "--overwrite=true", *extra]
     if nproc == 1:
         cmd = [sys.executable, "train.py", "configs/mlm/tiny.yaml", *overrides]
     else:
