@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
               "  audit CONFIG.yaml | --data train=PATH ...\n"
               "  analyze RUN_DIR [--select ambiguous|hard|easy --fraction F --out FILE.jsonl]\n"
               "  label-issues CONFIG.yaml --folds K [--key=value ...] --output_dir DIR\n"
-              "  experiment SPEC.yaml [--backend local|slurm] [--dry-run] [--key=value ...]")
+              "  experiment SPEC.yaml [--backend local|slurm] [--dry-run] [--key=value ...]\n"
+              "  prepare CONFIG.yaml --out DIR [--workers N] [--shard_mb M] [--task_index i --num_tasks n]")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
@@ -183,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         from .analysis.experiments import main as experiment_main
 
         return experiment_main(rest)
-    print(f"error: unknown command '{cmd}' (train, audit, analyze, label-issues, experiment)", file=sys.stderr)
+    if cmd == "prepare":
+        _quiet_libraries()
+        from .data.shards import main as prepare_main
+
+        return prepare_main(rest)
+    print(f"error: unknown command '{cmd}' (train, audit, analyze, label-issues, experiment, prepare)", file=sys.stderr)
     return 2
 
 

@@ -118,6 +118,8 @@ class DataConfig:
     eval_fraction: float = 0.05  # documents held out (by a hash of their id) for the eval stream
     shuffle_buffer: int = 256  # packed sequences in the (checkpointed) shuffle buffer
     max_eval_batches: int = 0  # 0: the whole held-out stream
+    shards: str | None = None  # a token-shard dir of `llm-dist prepare` to stream from (default: tokenize on the fly)
+    document_mask: bool = False  # MLM: position ids restart per document, attention only within the document
     # --- classify (in memory) ---
     train: str | None = None  # file / dir; or use `sources` (first) and a stratified split
     validation: str | None = None
@@ -419,6 +421,9 @@ class RunConfig:
             check(key, unit, "in [0, 1]")
         if self.dynamics.enabled and self.task != "classify":
             raise ConfigError("config key 'dynamics.enabled': the training-dynamics ledger needs task: classify")
+        for key in ("data.shards", "data.document_mask"):
+            if _get(self, key) and self.task != "mlm":
+                raise ConfigError(f"config key '{key}': token shards and document masks are for task: mlm")
         if self.data.label_noise.rate and self.task == "mlm":
             raise ConfigError("config key 'data.label_noise.rate': label noise needs a classification task")
         if self.task == "mlm":

@@ -136,10 +136,16 @@ class PackedStream(torch.utils.data.IterableDataset):
 
     def __init__(self, sources: list[SourceConfig], tokenizer, data: DataConfig, seed: int, rank: int,
                  world_size: int, eval_split: bool = False, with_offsets: bool = False, tokenize_batch: int = 16,
-                 segmenter: str = "auto"):
+                 segmenter: str = "auto", shards=None):
         """`with_offsets`: also give each token's character offsets and whether it starts a word
-        (`word_start`, for whole-word masking; CJK words from `segmenter`, see `word_start_flags`)."""
+        (`word_start`, for whole-word masking; CJK words from `segmenter`, see `word_start_flags`).
+        `shards`: a `llm_dist.data.shards.ShardCorpus` to read pre-tokenized documents from instead of
+        tokenizing `sources` on the fly (its position in the rank's document order is the `stream` state)."""
         super().__init__()
+        if shards is not None and with_offsets:
+            raise DataError("config key 'data.shards': whole-word masking needs the texts' offsets, which token "
+                            "shards do not keep (mlm.whole_word_masking: false, or no data.shards)")
+        self.shards = shards
         self.segment = get_segmenter(segmenter) if with_offsets else None
         self.sources, self.tok, self.data = sources, tokenizer, data
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -171,8 +177,58 @@ class PackedStream(torch.utils.data.IterableDataset):
             return [(e.ids, e.offsets, None) for e in encs]
         return [(e.ids, e.offsets, word_start_flags(t, e.offsets, self.segment)) for t, e in zip(texts, encs)]
 
+    def _pack(self) -> Iterator[dict]:
+        """The full sequences in `pending`, each with its documents' ids and token counts (`doc_lens`: the
+        runs of one document inside the sequence, for position ids / attention restricted per document)."""
+        st, L = self._state, self.seq_len
+        while len(st["pending"]) >= L:
+            seq, st["pending"] = st["pending"][:L], st["pending"][L:]
+            runs = _take_runs(st["pending_docs"], L)
+            item = {"input_ids": seq, "doc_ids": [d for d, _ in runs if d is not None], "doc_lens": [n for _, n in runs]}
+            if self.with_offsets:
+                item["offset_mapping"] = st["pending_offsets"][:L]
+                st["pending_offsets"] = st["pending_offsets"][L:]
+                item["word_start"] = st["pending_starts"][:L]
+                st["pending_starts"] = st["pending_starts"][L:]
+            yield item
+
+    def _shard_sequences(self) -> Iterator[dict]:
+        """`_sequences` from token shards: no tokenization, the stream position is one integer per epoch."""
+        st = self._state
+        worker = torch.utils.data.get_worker_info()
+        n_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        empty_epochs = 0
+        while True:
+            start = (st["stream"] or {}).get("shard_pos", 0)
+            whole_epoch, read = start == 0, 0
+            for pos, doc, tokens in self.shards.documents(self.seed, st["epoch"], self.rank * n_workers + worker_id,
+                                                          self.world_size * n_workers, self.data.eval_fraction,
+                                                          self.eval_split, start=start):
+                if doc is not None:
+                    ids = tokens.tolist()
+                    st["pending"].extend(ids)
+                    st["pending_docs"].append([doc, len(ids)])
+                    st["documents"] += 1
+                    read += 1
+                st["stream"] = {"shard_pos": pos}  # set before anything is yielded: never lost nor repeated
+                yield from self._pack()
+            st["stream"] = None
+            if whole_epoch and read == 0 and not self.eval_split:
+                empty_epochs += 1
+                if empty_epochs >= MAX_EMPTY_EPOCHS:
+                    raise DataError(f"data.shards ({self.shards.path}): no documents for rank {self.rank} of "
+                                    f"{self.world_size} in epochs {st['epoch'] - empty_epochs + 1}-{st['epoch']}")
+            elif read:
+                empty_epochs = 0
+            if self.eval_split:
+                return
+            st["epoch"] += 1
+
     def _sequences(self) -> Iterator[dict]:
         """Pack documents into sequences; updates `pending` (tokens carried to the next sequence)."""
+        if self.shards is not None:
+            yield from self._shard_sequences()
+            return
         st, L = self._state, self.seq_len
         worker = torch.utils.data.get_worker_info()  # DataLoader workers split this rank's share again
         n_workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
@@ -207,15 +263,7 @@ class PackedStream(torch.utils.data.IterableDataset):
                     read += len(batch)
                     batch, doc_ids = [], []
                     st["stream"] = ds.state_dict()
-                    while len(st["pending"]) >= L:
-                        seq, st["pending"] = st["pending"][:L], st["pending"][L:]
-                        item = {"input_ids": seq, "doc_ids": _take_docs(st["pending_docs"], L)}
-                        if self.with_offsets:
-                            item["offset_mapping"] = st["pending_offsets"][:L]
-                            st["pending_offsets"] = st["pending_offsets"][L:]
-                            item["word_start"] = st["pending_starts"][:L]
-                            st["pending_starts"] = st["pending_starts"][L:]
-                        yield item
+                    yield from self._pack()
             # end of an epoch
             st["stream"] = None
             if whole_epoch and read == 0 and not self.eval_split:
@@ -256,7 +304,7 @@ class PackedStream(torch.utils.data.IterableDataset):
         ids = item["input_ids"]
         out = {"input_ids": torch.tensor(ids, dtype=torch.long),
                "special_tokens_mask": torch.tensor([i in self.special_ids for i in ids], dtype=torch.long),
-               "doc_ids": item.get("doc_ids", [])}
+               "doc_ids": item.get("doc_ids", []), "doc_lens": item.get("doc_lens") or [len(ids)]}
         if "offset_mapping" in item:
             out["offset_mapping"] = torch.tensor(item["offset_mapping"], dtype=torch.long)
         if "word_start" in item:
@@ -273,16 +321,24 @@ def _examples(ds: datasets.IterableDataset) -> Iterator[dict]:
 
 def _take_docs(runs: list[list], n: int) -> list[str]:
     """Pop `n` tokens' worth of [doc id, tokens left] runs; the ids of the documents they belong to."""
+    return [d for d, _ in _take_runs(runs, n)]
+
+
+def _take_runs(runs: list[list], n: int) -> list[tuple[str, int]]:
+    """Pop `n` tokens' worth of [doc id, tokens left] runs: (doc id, tokens of it) in order. Tokens not
+    covered by a run (a state saved before runs were kept) count for the first run."""
     out = []
     while n > 0 and runs:
         doc, left = runs[0]
-        out.append(doc)
         used = min(n, left)
+        out.append((doc, used))
         n -= used
         if used == left:
             runs.pop(0)
         else:
             runs[0] = [doc, left - used]
+    if n > 0:
+        out = [(out[0][0] if out else None, (out[0][1] if out else 0) + n)] + out[1:]
     return out
 
 
@@ -340,8 +396,12 @@ class MLMCollator:
       tokens or all kept. transformers 5's collator cannot do this: with `whole_word_mask` it sets
       `mask_replace_prob=1` (100% [MASK]) whatever it is given, so it is done here."""
 
-    def __init__(self, tokenizer, mlm: MLMConfig, seed: int | None = None):
+    def __init__(self, tokenizer, mlm: MLMConfig, seed: int | None = None, document_mask: bool = False):
+        """`document_mask`: also give `position_ids` restarting at 0 at every document start inside a packed
+        sequence and `doc_segments` (the index of each token's document run), from which the task builds
+        attention restricted to each document (`document_attention_mask`)."""
         self.mlm = mlm
+        self.document_mask = document_mask
         self.whole_word = mlm.whole_word_masking
         self.mask_id = tokenizer.mask_token_id
         self.vocab = len(tokenizer)
@@ -369,8 +429,13 @@ class MLMCollator:
             inputs, labels = self.whole_word_mask(input_ids, special, offsets, starts)
         else:
             inputs, labels = self.inner.torch_mask_tokens(input_ids, special_tokens_mask=special)
-        return {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs),
-                "doc_ids": [e.get("doc_ids", []) for e in examples]}
+        out = {"input_ids": inputs, "labels": labels, "attention_mask": torch.ones_like(inputs),
+               "doc_ids": [e.get("doc_ids", []) for e in examples]}
+        if self.document_mask:
+            L = inputs.shape[1]
+            out["position_ids"], out["doc_segments"] = document_positions(
+                [e.get("doc_lens") or [L] for e in examples], L)
+        return out
 
     def whole_word_mask(self, input_ids: torch.Tensor, special: torch.Tensor, offsets: torch.Tensor,
                         word_start: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -397,6 +462,35 @@ class MLMCollator:
         random_ids = torch.randint(self.vocab, input_ids.shape, dtype=torch.long, generator=g)
         inputs[to_random] = random_ids[to_random]
         return inputs, labels
+
+
+def document_positions(doc_lens: list[list[int]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position_ids, doc_segments), each (batch, seq_len) long: per sequence, the positions count from 0 at
+    the start of every document run (`doc_lens`: the token counts of the runs, summing to seq_len), and the
+    segment is the run's index."""
+    counts = [len(lens) for lens in doc_lens]
+    runs = np.fromiter((n for lens in doc_lens for n in lens), dtype=np.int64, count=sum(counts))
+    sums = np.add.reduceat(runs, np.cumsum([0] + counts[:-1])) if runs.size else np.zeros(0, np.int64)
+    bad = np.nonzero(sums != seq_len)[0]
+    if bad.size:
+        raise ValueError(f"document runs of sequence {bad[0]} cover {sums[bad[0]]} tokens, not {seq_len}")
+    run = np.repeat(np.arange(runs.size), runs)  # each token's run, over the whole batch (numpy: one pass)
+    starts = np.cumsum(runs) - runs
+    first_run = np.repeat(np.cumsum([0] + counts[:-1]), seq_len)
+    pos = np.arange(run.size) - starts[run]
+    seg = run - first_run
+    shape = (len(doc_lens), seq_len)
+    return torch.from_numpy(pos.reshape(shape)), torch.from_numpy(seg.reshape(shape))
+
+
+def document_attention_mask(doc_segments: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The block-diagonal 4-D mask (batch, 1, seq, seq) that lets a token attend only to its own document's
+    tokens. Boolean (True = attend; what SDPA takes), or, given a float `dtype`, additive (0 / dtype's min;
+    what eager attention adds to its scores). transformers passes a 4-D mask through to attention as is."""
+    same = doc_segments[:, None, :, None] == doc_segments[:, None, None, :]
+    if dtype is None or dtype == torch.bool:
+        return same
+    return torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill_(~same, torch.finfo(dtype).min)
 
 
 def word_starts(offsets: torch.Tensor, special: torch.Tensor, word_start: torch.Tensor | None = None) -> torch.Tensor:

@@ -226,7 +226,8 @@ class SparseMLM(nn.Module):
     def head(self):  # not a registered submodule: the parameters stay under `hf.` only
         return getattr(self.hf, "cls", None) or getattr(self.hf, "lm_head", None)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, per_example: bool = False):
+    def forward(self, input_ids, attention_mask=None, labels=None, token_type_ids=None, per_example: bool = False,
+                position_ids=None):
         """(summed loss over masked tokens, masked-token count, correct predictions)[, each sequence's summed
         loss when `per_example` — a scatter-add on the device, no extra pass]."""
         sel = labels != -100
@@ -235,11 +236,13 @@ class SparseMLM(nn.Module):
             kwargs = {"attention_mask": attention_mask}
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids
             hidden = base(input_ids=input_ids, **kwargs).last_hidden_state
             logits = self.head(hidden[sel])
             target = labels[sel]
         else:
-            logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = self.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
             target = labels[sel]
             logits = logits[sel]
         token_loss = F.cross_entropy(logits.float(), target, reduction="none")

@@ -9,9 +9,10 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..config import RunConfig
-from ..data.mlm import MLMCollator, PackedStream, check_sources
+from ..data.mlm import MLMCollator, PackedStream, check_sources, document_attention_mask
+from ..data.shards import ShardCorpus, check_shards, check_tokenizer
 from ..data.sources import iter_texts
-from ..models.build import build_mlm_model, flops_per_token, get_tokenizer
+from ..models.build import build_mlm_model, flops_per_token, get_tokenizer, load_tokenizer, tokenizer_source
 from ..training.signals import poll
 from .base import LossOutput, Task, register
 
@@ -20,12 +21,21 @@ from .base import LossOutput, Task, register
 class MLMTask(Task):
     def __init__(self, cfg: RunConfig, accelerator, checked=None):
         self.cfg, self.acc = cfg, accelerator
-        # an empty source (or rank share) is an error now, not a silent spin after tokenizer training
-        check_sources(cfg.data.sources, accelerator.process_index, accelerator.num_processes, cfg.data.eval_fraction,
-                      accelerator, seed=cfg.seed)
-        self.tokenizer = get_tokenizer(cfg, accelerator, lambda n: iter_texts(cfg.data.sources, n))
+        self.shards = None
+        if cfg.data.shards:  # pre-tokenized (`llm-dist prepare`): the shards' tokenizer unless the run names one
+            self.shards = ShardCorpus(cfg.data.shards, cfg.data.sources)
+            path, _ = tokenizer_source(cfg)
+            self.tokenizer = load_tokenizer(path or str(self.shards.path / self.shards.manifest["tokenizer"]))
+            check_tokenizer(self.shards.manifest, self.tokenizer, cfg.data.shards)
+            check_shards(self.shards, accelerator.process_index, accelerator.num_processes, cfg.data.eval_fraction,
+                         accelerator, seed=cfg.seed)
+        else:
+            # an empty source (or rank share) is an error now, not a silent spin after tokenizer training
+            check_sources(cfg.data.sources, accelerator.process_index, accelerator.num_processes,
+                          cfg.data.eval_fraction, accelerator, seed=cfg.seed)
+            self.tokenizer = get_tokenizer(cfg, accelerator, lambda n: iter_texts(cfg.data.sources, n))
         self.model = build_mlm_model(cfg, self.tokenizer)
-        self.collator = MLMCollator(self.tokenizer, cfg.mlm)
+        self.collator = MLMCollator(self.tokenizer, cfg.mlm, document_mask=cfg.data.document_mask)
         self.train_data = self._stream(eval_split=False)
         self.loader = StatefulDataLoader(self.train_data, batch_size=cfg.batch_size, collate_fn=self.collator,
                                          num_workers=cfg.data.num_workers)
@@ -34,7 +44,8 @@ class MLMTask(Task):
     def _stream(self, eval_split: bool) -> PackedStream:
         return PackedStream(self.cfg.data.sources, self.tokenizer, self.cfg.data, self.cfg.seed,
                             self.acc.process_index, self.acc.num_processes, eval_split=eval_split,
-                            with_offsets=self.cfg.mlm.whole_word_masking, segmenter=self.cfg.mlm.segmenter)
+                            with_offsets=self.cfg.mlm.whole_word_masking, segmenter=self.cfg.mlm.segmenter,
+                            shards=self.shards)
 
     # --- the loop's view ---------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -62,7 +73,7 @@ class MLMTask(Task):
         if "mlm_epoch" in saved:
             st = self.train_data.state_dict()
             st.update({"epoch": saved["mlm_epoch"] + 1, "stream": None, "pending": [], "pending_offsets": [],
-                       "buffer": []})
+                       "pending_starts": [], "pending_docs": [], "buffer": []})
             self.train_data.load_state_dict(st)
 
     def count(self, batch: dict) -> int:
@@ -75,9 +86,28 @@ class MLMTask(Task):
     def tokens(self, batch: dict) -> int:
         return batch["input_ids"].numel()
 
+    def model_inputs(self, model, batch: dict) -> dict:
+        """attention_mask (and position_ids) for the model. With `data.document_mask`: position ids restart
+        per document and the mask is block-diagonal by document — an explicit 4-D mask (bool for SDPA,
+        additive for eager attention; transformers passes 4-D masks through as is), or, for flash / flex
+        attention (which take no dense mask), none: transformers then finds the documents from the
+        restarting position ids itself (its packed-sequence path: varlen flash attention)."""
+        if "doc_segments" not in batch:
+            return {"attention_mask": batch["attention_mask"]}
+        impl = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+        if impl.startswith("flash") or impl == "flex_attention":
+            return {"attention_mask": None, "position_ids": batch["position_ids"]}
+        dtype = None if impl == "sdpa" else self._float_dtype(model)
+        return {"attention_mask": document_attention_mask(batch["doc_segments"], dtype),
+                "position_ids": batch["position_ids"]}
+
+    def _float_dtype(self, model) -> torch.dtype:
+        mp = getattr(self.acc, "mixed_precision", "no")
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp, torch.float32)
+
     def loss(self, model, batch: dict) -> LossOutput:
-        loss_sum, n, correct, per_seq = model(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                              per_example=True)
+        inputs = self.model_inputs(model, batch)
+        loss_sum, n, correct, per_seq = model(batch["input_ids"], labels=batch["labels"], per_example=True, **inputs)
         return LossOutput(loss_sum, per_seq, None, {"correct": correct.detach().float()})
 
     def flops_per_token(self) -> float:
@@ -93,7 +123,8 @@ class MLMTask(Task):
         """Loss / perplexity / accuracy over the held-out stream (each rank its share), with masks drawn
         from a fixed seed so evals at different steps are comparable and training RNG is untouched."""
         model.eval()
-        collator = MLMCollator(self.tokenizer, self.cfg.mlm, seed=self.cfg.seed + 17)
+        collator = MLMCollator(self.tokenizer, self.cfg.mlm, seed=self.cfg.seed + 17,
+                               document_mask=self.cfg.data.document_mask)
         loader = torch.utils.data.DataLoader(self._stream(eval_split=True), batch_size=self.cfg.batch_size,
                                              collate_fn=collator)
         totals = torch.zeros(3, device=self.acc.device, dtype=torch.float64)
@@ -114,7 +145,7 @@ class MLMTask(Task):
             last = batch
             batch = {k: v.to(self.acc.device) for k, v in batch.items() if torch.is_tensor(v)}
             with self.acc.autocast():
-                loss_sum, n, correct = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                loss_sum, n, correct = model(batch["input_ids"], labels=batch["labels"], **self.model_inputs(model, batch))
             totals += weight * torch.stack([loss_sum.double(), n.double(), correct.double()])
         totals = self.acc.reduce(totals, reduction="sum")
         model.train()
