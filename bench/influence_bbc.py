@@ -4,8 +4,10 @@ the top-1 proponent hit rate on the planted copies, the self-influence AUROC, an
 misclassified test article with its strongest opponents).
 
     .venv/bin/python bench/influence_bbc.py --out runs/infl-bbc [--epochs 1] [--proj-dim 2048] [--full]
+    .venv/bin/python bench/influence_bbc.py --preset tiny --epochs 3 --out runs/infl-bbc-tiny
 
-`--full`: full fine-tuning (influence over the head + last encoder layer) instead of LoRA.
+`--full`: full fine-tuning (influence over the head + last encoder layer) instead of LoRA. `--preset tiny`:
+the tiny BERT of configs/classify/tiny.yaml (random init, its own WordPiece) instead of MiniLM.
 """
 from __future__ import annotations
 
@@ -71,6 +73,7 @@ def main() -> int:
     ap.add_argument("--checkpoints", type=int, default=3)
     ap.add_argument("--proj-dim", type=int, default=2048)
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    ap.add_argument("--preset", choices=("minilm", "tiny"), default="minilm")
     ap.add_argument("--skip-train", action="store_true")
     a = ap.parse_args()
     out = Path(a.out)
@@ -81,14 +84,17 @@ def main() -> int:
         planted = write_data(data, a.exact, a.edited, 0)
         n_train = sum(1 for _ in open(data / "train.jsonl"))
         steps = int(round(a.epochs * n_train / 16))
-        every = max(1, steps // a.checkpoints)
-        cmd = [py, "train.py", "configs/classify/minilm_bbc.yaml", f"--output_dir={run}", "--overwrite=true",
+        every = max(1, -(-steps // a.checkpoints))  # ceil: the last save is the end of training
+        config = "configs/classify/tiny.yaml" if a.preset == "tiny" else "configs/classify/minilm_bbc.yaml"
+        cmd = [py, "train.py", config, f"--output_dir={run}", "--overwrite=true",
                f"--data.train={data / 'train.jsonl'}", f"--data.validation={data / 'validation.jsonl'}",
                f"--data.test={data / 'test.jsonl'}", "--data.id_column=id", "--data.sources=[]",
                f"--classify.epochs={a.epochs}", f"--data.label_noise.rate={a.noise}", f"--save_every={every}",
-               f"--keep_checkpoints={a.checkpoints + 1}", "--eval_every=0", "--tracking.progress=false",
+               f"--keep_checkpoints={a.checkpoints}", "--eval_every=0", "--tracking.progress=false",
                "--classify.report_every_epoch=false"]
-        if not a.full:
+        if a.preset == "tiny":
+            cmd += ["--model.hidden_dropout=0", "--model.attention_dropout=0"]
+        elif not a.full:
             cmd += ["--classify.peft.method=lora", "--optim.lr=5e-4"]
         print("$", " ".join(cmd), flush=True)
         t0 = time.time()
