@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ACCELERATE, PY, ROOT, _free_port, launch, run_env
+from conftest import ACCELERATE, ROOT, _free_port, launch, run_env
 
 TINY = "configs/classify/tiny.yaml"
 CLASSES = {"sport": ["goal", "match", "striker", "league", "coach", "stadium"],

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ...config import write_text_atomic
-from .tracin import (Grads, InfluenceError, barrier, checkpoint_weights, compute_grads, dist_info, load_weights,
+from .tracin import (Grads, InfluenceError, barrier, checkpoint_weights, compute_grads, dist_info,
                      open_run, self_influence, top_k)
 
 PREVIEW = 160

@@ -34,7 +34,7 @@ import torch
 from ...config import ConfigError, RunConfig, load_config, write_text_atomic
 from ...training.checkpoint import (MODEL_FILE, MODEL_TAG, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_FILE, _load_model,
                                     _step_dirs, check_loadable, read_json, torch_load_safe, verify)
-from .grads import AdamPreconditioner, PerExampleGrads, Projector, collate, select_params
+from .grads import AdamPreconditioner, PerExampleGrads, Projector, collate
 
 
 class InfluenceError(Exception):
