@@ -1,4 +1,4 @@
-"""`llm-dist train | audit | analyze | label-issues` — and `python train.py CONFIG.yaml [--key=value ...]`.
+"""`llm-dist train | audit | analyze | label-issues | influence` — and `python train.py CONFIG.yaml [--key=value ...]`.
 
 Config and data errors are one line on stderr and exit code 2."""
 from __future__ import annotations
@@ -157,11 +157,13 @@ def _is_main() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: llm-dist {train,audit,analyze,label-issues,experiment} ...\n  train CONFIG.yaml [--key=value ...]\n"
+        print("usage: llm-dist {train,audit,analyze,label-issues,experiment,influence,prepare} ...\n"
+              "  train CONFIG.yaml [--key=value ...]\n"
               "  audit CONFIG.yaml | --data train=PATH ...\n"
               "  analyze RUN_DIR [--select ambiguous|hard|easy --fraction F --out FILE.jsonl]\n"
               "  label-issues CONFIG.yaml --folds K [--key=value ...] --output_dir DIR\n"
               "  experiment SPEC.yaml [--backend local|slurm] [--dry-run] [--key=value ...]\n"
+              "  influence RUN_DIR [--split test | --test FILE | --query TEXT [--label L]] [--k 10] [--proj-dim 2048]\n"
               "  prepare CONFIG.yaml --out DIR [--workers N] [--shard_mb M] [--task_index i --num_tasks n]")
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
@@ -184,12 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         from .analysis.experiments import main as experiment_main
 
         return experiment_main(rest)
+    if cmd == "influence":
+        _quiet_libraries()
+        from .analysis.influence import main as influence_main
+
+        return influence_main(rest)
     if cmd == "prepare":
         _quiet_libraries()
         from .data.shards import main as prepare_main
 
         return prepare_main(rest)
-    print(f"error: unknown command '{cmd}' (train, audit, analyze, label-issues, experiment, prepare)", file=sys.stderr)
+    print(f"error: unknown command '{cmd}' (train, audit, analyze, label-issues, experiment, influence, prepare)",
+          file=sys.stderr)
     return 2
 
 

@@ -32,6 +32,8 @@ SUSPICION_DOCS = {
     "suspicion_aum": "− AUM (mean of gold logit − largest other logit); mislabeled examples have negative margins",
     "suspicion_forgetting": "forgetting events (correct → incorrect); never-learned examples get presentations + 1",
     "suspicion_loss": "mean training loss over all presentations",
+    "suspicion_self_influence": "TracIn self-influence (`llm-dist influence`; merged from influence/self_influence.csv "
+                                "when that ran)",
 }
 SCORE_DOCS = {
     "id": "stable example id (the split files' ids)",
@@ -166,6 +168,11 @@ def analyze(run_dir, pass_: str | None = None, progress: bool = False, wandb: bo
 
     run_dir = Path(run_dir)
     scores, meta, rows, cfg, used = load(run_dir, pass_, progress)
+    si = run_dir / "influence" / "self_influence.csv"
+    if si.exists():  # `llm-dist influence` ran first: keep its detector in the table and the comparison
+        import pandas as pd
+
+        scores = scores.merge(pd.read_csv(si, usecols=["id", "suspicion_self_influence"]), on="id", how="left")
     out = run_dir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     flipped = read_flipped(run_dir)
