@@ -72,8 +72,8 @@ def test_multi_token_word_scored_by_mean_log_prob(toy, tmp_path):
 
 @pytest.mark.slow
 def test_few_shot_on_two_ranks_learns_the_verbalizer(toy, tmp_path):
-    """Verbalizer swapped (fruit texts → 'vehicle'): zero-shot is ~always wrong; 30 steps of fine-tuning
-    through the pattern on 2 ranks make it right. final/ is an MLM with prompt.json."""
+    """Verbalizer swapped (fruit texts → 'vehicle'): zero-shot is ~always wrong; 80 steps (20 epochs) of
+    fine-tuning through the pattern on 2 ranks make it right. final/ is an MLM with prompt.json."""
     mlm, d = toy
     zs = _task(toy, tmp_path / "zs", "--prompt.verbalizer={f: [vehicle], v: [fruit]}")
     _, gold, scores = zs.predict(zs.model, "test")
@@ -82,11 +82,11 @@ def test_few_shot_on_two_ranks_learns_the_verbalizer(toy, tmp_path):
     out = tmp_path / "fs"
     launch(TINY, "--task=prompt", f"--output_dir={out}", f"--data.train={d}/train.jsonl",
            f"--data.validation={d}/validation.jsonl", f"--data.test={d}/test.jsonl", "--data.id_column=id",
-           f"--model.path={mlm}", "--batch_size=4", "--data.max_length=32", "--max_steps=30", "--eval_every=0",
+           f"--model.path={mlm}", "--batch_size=4", "--data.max_length=32", "--max_steps=80", "--eval_every=0",
            "--optim.lr=1e-3", "--log_every=10", "--tracking.progress=false",
            "--prompt.verbalizer={f: [vehicle], v: [fruit]}")
     run = read_run(out)
-    assert run["world_size"] == 2 and run["final_step"] == 30
+    assert run["world_size"] == 2 and run["final_step"] == 80
     assert run["test"]["accuracy"] >= 0.9 > zero_shot
     preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
     assert sorted(p["id"] for p in preds) == sorted(f"test/{k}" for k in range(40))
