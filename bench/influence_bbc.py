@@ -72,6 +72,7 @@ def main() -> int:
     ap.add_argument("--edited", type=int, default=20)
     ap.add_argument("--checkpoints", type=int, default=3)
     ap.add_argument("--proj-dim", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=1, help="without LoRA: the head + this many last encoder layers")
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     ap.add_argument("--preset", choices=("minilm", "tiny"), default="minilm")
     ap.add_argument("--skip-train", action="store_true")
@@ -101,7 +102,7 @@ def main() -> int:
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
         print(f"training: {time.time() - t0:.0f} s", flush=True)
     planted = json.loads((data / "planted.json").read_text())
-    cmd = [py, "-m", "llm_dist.cli", "influence", str(run), "--k", "10", "--proj-dim", str(a.proj_dim), "--quiet",
+    cmd = [py, "-m", "llm_dist.cli", "influence", str(run), "--k", "10", "--proj-dim", str(a.proj_dim), "--layers", str(a.layers), "--quiet",
            "--no-wandb"]
     print("$", " ".join(cmd), flush=True)
     t0 = time.time()

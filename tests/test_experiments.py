@@ -353,3 +353,55 @@ sweep: {{key: max_tokens, values: [20000, 40000, 80000, 160000], metric: eval_lo
     report.log_wandb(plan, rep, paths)
     runs = list((plan.out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_learning_curves_and_what_one_is_worth_in_the_other(tmp_path):
+    """`curves`: a prompt curve and a head curve (run.json written here, with known accuracies); the report
+    gives the paired difference at each shared k, reads the head's k equivalent to each prompt point off the
+    head's curve (log-linear interpolation), says 'above' / 'below' outside its range, and plots both; a
+    curve naming an unknown variant is refused."""
+    from llm_dist.analysis.experiments import report
+    from llm_dist.analysis.experiments.plan import ExperimentError, make_plan
+    from llm_dist.analysis.experiments.stats import equivalent_x
+
+    assert equivalent_x(0.6, [8, 32], [0.5, 0.7]) == (pytest.approx(2 ** ((np.log2(9) + np.log2(33)) / 2) - 1), "within")
+    assert equivalent_x(0.4, [8, 32], [0.5, 0.7]) == (None, "below")
+    assert equivalent_x(0.9, [8, 32], [0.5, 0.7]) == (None, "above")
+    head = {8: 0.40, 16: 0.50, 32: 0.60, 128: 0.80}
+    prompt = {0: 0.45, 8: 0.55, 32: 0.70, 128: 0.90}
+    spec = tmp_path / "pvh.yaml"
+    names = [f"head-k{k}" for k in head] + [f"prompt-k{k}" for k in prompt]
+    spec.write_text(f"""name: pvh
+base: {TINY}
+seeds: [1, 2, 3]
+variants: [{', '.join('{name: %s}' % n for n in names)}]
+curves:
+  x: examples per class
+  of:
+    prompt: {{{', '.join(f'prompt-k{k}: {k}' for k in prompt)}}}
+    head: {{{', '.join(f'head-k{k}: {k}' for k in head)}}}
+  worth: [prompt, head]
+""")
+    plan = make_plan(spec, str(tmp_path / "out"))
+    for r in plan.runs:
+        kind, k = r.variant.split("-k")
+        acc = (head if kind == "head" else prompt)[int(k)] + 0.01 * (r.seed - 2)
+        r.out.mkdir(parents=True)
+        (r.out / "run.json").write_text(json.dumps({"tokens_seen": 1, "train_seconds": 1.0, "signalled": False,
+                                                    "test": {"accuracy": acc}, "data": {"train_examples": 5 * int(k)}}))
+    rep = report.build(plan)
+    cv = rep["curves"]
+    assert [r["x"] for r in cv["curves"]["prompt"]] == [0, 8, 32, 128] and cv["metric"] == "accuracy"
+    pts = {p["x"]: p for p in cv["worth"]["points"]}
+    assert pts[0]["where"] == "within" and "delta" not in pts[0]  # 0.45: between head k=8 and k=16
+    assert 8 < pts[0]["equivalent_x"] < 16
+    assert pts[8]["delta"]["mean"] == pytest.approx(0.15) and pts[8]["delta"]["p_value"] == 0.0
+    assert pts[32]["equivalent_x"] == pytest.approx(2 ** ((np.log2(33) + np.log2(129)) / 2) - 1)  # 0.70: midway
+    assert pts[128]["where"] == "above" and pts[128]["worth"] is None
+    paths = report.write(plan, rep)
+    md = paths["md"].read_text()
+    assert "## Learning curves (accuracy against examples per class)" in md and "above the head curve's range" in md
+    assert paths["curves"].stat().st_size > 1000
+    spec.write_text(spec.read_text().replace("head-k128: 128}", "head-k256: 256}"))
+    with pytest.raises(ExperimentError, match="curves.of.head.*'head-k256' is not a variant"):
+        make_plan(spec, str(tmp_path / "out2"))

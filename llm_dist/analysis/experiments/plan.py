@@ -27,6 +27,11 @@ Spec keys (every one but `base` optional):
       detectors: [aum, confidence]     #   suspicion_<name> columns; top-k% removed
       fractions: [0.1]
       random: true                     #   a random k% (seeded per run) as the control
+    curves:                            # learning curves compared: each point a variant at an x; at shared x
+      x: examples per class            #   the paired difference; `worth`: at each x of the first curve,
+      metric: accuracy                 #   the x where the second reaches its mean (Le Scao & Rush 2021:
+      of: {prompt: {prompt-k8: 8, prompt-k32: 32}, head: {head-k8: 8, head-k32: 32}}   # what a prompt is
+      worth: [prompt, head]            #   worth in labelled examples)
 
 The split is fixed across seeds (`data.split_seed` = the base's, or its seed) so every run is scored on the
 same test examples; only what the seed should change changes.
@@ -44,7 +49,7 @@ import yaml
 from ...config import ConfigError, load_config, to_dict, write_text_atomic
 
 SPEC_KEYS = ("name", "claim", "base", "overrides", "seeds", "output_dir", "nproc", "baseline", "metrics",
-             "variants", "grid", "sweep", "removal")
+             "variants", "grid", "sweep", "removal", "curves")
 SCORING = "_scoring"  # the removal experiment's scoring run (a variant name no spec can use)
 
 
@@ -164,6 +169,27 @@ def load_spec(path: str | Path) -> dict:
     return spec
 
 
+def _check_curves(curves, names: list[str], path: Path) -> None:
+    """`curves: {x: label, metric: m, of: {curve: {variant: x, …}, …}, worth: [curve_a, curve_b]}`."""
+    if curves is None:
+        return
+    of = curves.get("of") if isinstance(curves, dict) else None
+    if not isinstance(of, dict) or not of or not all(isinstance(p, dict) and p for p in of.values()):
+        raise ExperimentError(f"{_where(path, 'curves.of')}: expected {{curve: {{variant: x, …}}, …}}")
+    for cname, pts in of.items():
+        for variant, x in pts.items():
+            if variant not in names:
+                raise ExperimentError(f"{_where(path, f'curves.of.{cname}')}: '{variant}' is not a variant "
+                                      f"({', '.join(names)})")
+            if isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0:
+                raise ExperimentError(f"{_where(path, f'curves.of.{cname}.{variant}')}: x must be a number "
+                                      f">= 0, got {x!r}")
+    worth = curves.get("worth")
+    if worth is not None and (not isinstance(worth, list) or len(worth) != 2 or any(w not in of for w in worth)):
+        raise ExperimentError(f"{_where(path, 'curves.worth')}: expected two of the curves ({', '.join(of)}), "
+                              f"got {worth!r}")
+
+
 def _variants(spec: dict, path: Path) -> list[Variant]:
     out: list[Variant] = []
     for i, v in enumerate(spec.get("variants") or []):
@@ -235,6 +261,7 @@ def make_plan(spec_path: str | Path, output_dir: str | None = None, seeds: list[
     common = _as_overrides(spec.get("overrides"), spec_path, "overrides")
     common.update(dict(_parse_extra(extra or [])))
     variants = _variants(spec, spec_path)
+    _check_curves(spec.get("curves"), [v.name for v in variants], spec_path)
     baseline = str(spec.get("baseline") or variants[0].name)
     if baseline not in [v.name for v in variants]:
         raise ExperimentError(f"{_where(spec_path, 'baseline')}: '{baseline}' is not a variant "

@@ -55,6 +55,9 @@ def run_values(out: Path, seconds: float | None) -> dict | None:
     table = CLASSIFY_METRICS if "test" in rj else MLM_METRICS
     vals = {k: _get(rj, path) for k, (path, _) in table.items()}
     vals = {k: v for k, v in vals.items() if v is not None}
+    rob = rj.get("robustness") or {}  # classify.robustness: accuracy under word-level / embedding attacks
+    vals.update({f"words@{k}": float(v) for k, v in (rob.get("word_level") or {}).items()})
+    vals.update({f"embedding@{k}": float(v) for k, v in (rob.get("embedding") or {}).items()})
     if "accuracy" in vals and "uncontaminated_accuracy" in vals:  # how much the copies inflate test accuracy
         vals["inflation"] = vals["accuracy"] - vals["uncontaminated_accuracy"]
     train_s = rj.get("train_seconds")
@@ -85,6 +88,7 @@ def build(plan: Plan) -> dict:
         for v in runs.values():
             names.update(v["metrics"])
     order = list(CLASSIFY_METRICS) + ["inflation"] + list(MLM_METRICS)
+    order += sorted(n for n in names if n.startswith(("words@", "embedding@")))
     wanted = plan.spec.get("metrics")
     metrics = [m for m in (wanted or order) if m in names]
     base = per.get(plan.baseline, {})
@@ -128,6 +132,8 @@ def build(plan: Plan) -> dict:
     sweep = plan.spec.get("sweep")
     if sweep:
         rep["scaling"] = _scaling(plan, per, sweep, metrics)
+    if plan.spec.get("curves"):
+        rep["curves"] = _curves(per, plan.spec["curves"], metrics)
     if plan.spec.get("removal"):
         from .plan import scores_path
 
@@ -163,6 +169,72 @@ def _scaling(plan: Plan, per: dict, sweep: dict, metrics: list) -> dict:
     except ValueError as e:
         return {**out, "error": str(e)}
     return {**out, **fit}
+
+
+def _curves(per: dict, spec: dict, metrics: list) -> dict:
+    """Learning curves (spec `curves`): each curve's points (x, mean, 95% CI over seeds); at each x both of
+    `worth`'s curves have, their paired difference; and at each point of the first, the x at which the
+    second reaches the same mean — what the first is worth in the second's units (e.g. labelled examples
+    per class a prompt saves over a classification head)."""
+    metric = spec.get("metric") or (metrics[0] if metrics else "accuracy")
+    out = {"metric": metric, "x": spec.get("x", "x"), "curves": {}}
+    values = {}
+    for name, pts in spec["of"].items():
+        rows = []
+        for variant, x in pts.items():
+            by_seed = {s: r["metrics"].get(metric) for s, r in per.get(variant, {}).items()}
+            s = stats.summary(list(by_seed.values()))
+            if s["mean"] is not None:
+                rows.append({"variant": variant, "x": float(x), **s,
+                             "values": {str(k): v for k, v in sorted(by_seed.items())}})
+                values[(name, float(x))] = by_seed
+        out["curves"][name] = sorted(rows, key=lambda r: r["x"])
+    pair = spec.get("worth")
+    if pair:
+        a, b = pair
+        xb = [r["x"] for r in out["curves"][b]]
+        yb = [r["mean"] for r in out["curves"][b]]
+        rows = []
+        for r in out["curves"][a]:
+            eq, where = stats.equivalent_x(r["mean"], xb, yb)
+            row = {"x": r["x"], a: r["mean"], "equivalent_x": eq, "where": where,
+                   "worth": None if eq is None else eq - r["x"]}
+            if (b, r["x"]) in values:
+                row[b] = next(p["mean"] for p in out["curves"][b] if p["x"] == r["x"])
+                row["delta"] = stats.paired(values[(a, r["x"])], values[(b, r["x"])])
+            rows.append(row)
+        out["worth"] = {"of": a, "in": b, "points": rows}
+    return out
+
+
+def _curves_md(c: dict) -> list[str]:
+    lines = [f"## Learning curves ({c['metric']} against {c['x']})", ""]
+    names = list(c["curves"])
+    xs = sorted({r["x"] for rows in c["curves"].values() for r in rows})
+    w = c.get("worth")
+    head = [c["x"]] + [f"{n} mean [95% CI]" for n in names]
+    if w:
+        head += [f"{w['of']} − {w['in']} (paired) [95% CI], p", f"{w['of']} is worth ({w['in']} {c['x']})"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    byx = {(n, r["x"]): r for n, rows in c["curves"].items() for r in rows}
+    wx = {p["x"]: p for p in (w or {}).get("points", [])}
+    for x in xs:
+        row = [_fmt(x, 0)]
+        for n in names:
+            r = byx.get((n, x))
+            row.append(f"{_fmt(r['mean'])} {_ci(r['ci95'])}" if r else "–")
+        if w:
+            p = wx.get(x)
+            d = (p or {}).get("delta")
+            row.append(f"{_fmt(d['mean'])} {_ci(d.get('ci95'))}, p={_fmt(d.get('p_value'), 3)}" if d else "–")
+            if p is None:
+                row.append("–")
+            elif p["equivalent_x"] is None:
+                row.append(f"{p['where']} the {w['in']} curve's range")
+            else:
+                row.append(f"{_fmt(p['equivalent_x'], 1)} ({p['worth']:+.1f})")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -232,6 +304,8 @@ def markdown(rep: dict) -> str:
             for k, p in sc["predicted"].items():
                 lines.append(f"- predicted err at {k} the data (n = {p['n']:.0f}): {p['value']:.4f} {_ci(p['ci95'])}")
             lines.append("")
+    if rep.get("curves"):
+        lines += _curves_md(rep["curves"])
     return "\n".join(lines)
 
 
@@ -295,6 +369,26 @@ def plots(rep: dict) -> dict[str, str]:
         ax.set_title(f"{rep['name']}: learning curve", fontsize=9)
         ax.legend(fontsize=7)
         out["learning_curve"] = _png(fig)
+    cv = rep.get("curves")
+    if cv and any(cv["curves"].values()):
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for name, rows in cv["curves"].items():
+            if not rows:
+                continue
+            xs = [r["x"] for r in rows]
+            ms = [r["mean"] for r in rows]
+            lo = [m - (r["ci95"] or [m, m])[0] for m, r in zip(ms, rows)]
+            hi = [(r["ci95"] or [m, m])[1] - m for m, r in zip(ms, rows)]
+            ax.errorbar(xs, ms, yerr=[lo, hi], fmt="o-", capsize=3, label=name)
+            for r in rows:
+                vals = [v for v in r["values"].values() if v is not None]
+                ax.scatter([r["x"]] * len(vals), vals, color="k", s=6, zorder=3)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel(cv["x"])
+        ax.set_ylabel(cv["metric"])
+        ax.set_title(f"{rep['name']}: learning curves (mean, 95% CI, seeds as dots)", fontsize=9)
+        ax.legend(fontsize=7)
+        out["curves"] = _png(fig)
     return out
 
 
@@ -315,7 +409,10 @@ def html_report(rep: dict, images: dict[str, str]) -> str:
                      + "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
     md = markdown(rep)
     if "## Scaling" in md:
-        parts.append("<h2>Scaling</h2><pre>" + e(md.split("## Scaling", 1)[1].strip()) + "</pre>")
+        parts.append("<h2>Scaling</h2><pre>" + e(md.split("## Scaling", 1)[1].split("## Learning curves")[0].strip())
+                     + "</pre>")
+    if "## Learning curves" in md:
+        parts.append("<h2>Learning curves</h2><pre>" + e(md.split("## Learning curves", 1)[1].strip()) + "</pre>")
     for name, img in images.items():
         parts.append(f"<h3>{e(name)}</h3><img src='data:image/png;base64,{img}'>")
     parts.append("</body></html>")

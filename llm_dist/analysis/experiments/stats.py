@@ -147,3 +147,26 @@ def scaling(points: dict, boot: int = 1000, seed: int = 0, targets=(2.0, 10.0)) 
             "monotone": not violations, "monotonicity_violations": violations, "predicted": predicted,
             "points": {str(int(n)): {"mean": float(m), "values": [float(v) for v in points[n]]}
                        for n, m in zip(sizes, means)}}
+
+
+# ----------------------------------------------------------------------------- reading one curve off another
+def equivalent_x(y: float, xs, ys) -> tuple[float | None, str]:
+    """The x at which the curve (xs, ys) — means at increasing x — reaches the value y, by linear
+    interpolation in log2(1 + x) between the first pair of neighbouring points that brackets y (Le Scao &
+    Rush 2021 read "how many data points a prompt is worth" off two learning curves this way).
+    Returns (x, "within") or (None, "below" / "above") when y is outside the curve's range."""
+    pts = sorted(zip(map(float, xs), map(float, ys)))
+    if not pts:
+        return None, "below"
+    if y < min(v for _, v in pts):
+        return None, "below"
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if min(y0, y1) <= y <= max(y0, y1):
+            if y1 == y0:
+                return x0, "within"
+            u0, u1 = math.log2(1 + x0), math.log2(1 + x1)
+            u = u0 + (y - y0) / (y1 - y0) * (u1 - u0)
+            return float(2 ** u - 1), "within"
+    if len(pts) == 1 and y == pts[0][1]:
+        return pts[0][0], "within"
+    return None, "above"
