@@ -304,3 +304,33 @@ def test_refuses_a_run_without_checkpoints(ddp_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--save_every=N" in err and "--keep_checkpoints=K" in err and "save_every=17" in err, err
     assert not (bare / "influence").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_zero2_run_consolidates_each_checkpoint(data):
+    """A ZeRO-2 run on 2 ranks: influence reads each checkpoint's weights consolidated from the DeepSpeed
+    shards (the last one equal to the run's exported final/ weights), and the planted exact copies are still
+    their test examples' top proponents."""
+    from safetensors.torch import load_file
+
+    from llm_dist.analysis.influence import influence
+    from llm_dist.analysis.influence.tracin import load_weights, open_run
+
+    out = data / "zero2"
+    launch(TINY, *_args(data, out, "--batch_size=8", "--classify.epochs=3", "--save_every=17", "--keep_checkpoints=2",
+                        "--deepspeed.config=configs/deepspeed/zero2.json"), nproc=2, deepspeed=True)
+    run = open_run(out)
+    assert run.zero_stage == 2 and len(run.checkpoints) == 2
+    assert not (run.checkpoints[-1] / "model.safetensors").exists()  # only DeepSpeed's shards
+    load_weights(run, run.checkpoints[-1])
+    final = load_file(out / "final" / "model.safetensors")
+    mine = run.model.state_dict()
+    assert all(torch.equal(mine[k].float(), v.float()) for k, v in final.items() if k in mine)
+    assert sum(k in mine for k in final) >= len(final) - 1
+    s = influence(out, k=3, proj_dim=256, wandb=False)
+    assert len(s["checkpoints"]) == 2 and json.loads((out / "run.json").read_text())["world_size"] == 2
+    rows = {r["id"]: r for r in map(json.loads, (out / "influence" / "test_topk.jsonl").read_text().splitlines())}
+    hits = [rows[f"te{i:04d}"]["proponents"][0]["id"] == f"copy-te{i:04d}" for i in range(EXACT)]
+    print(f"ZeRO-2: exact copy top-1 for {sum(hits)}/{EXACT}")
+    assert sum(hits) >= EXACT - 1
