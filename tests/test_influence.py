@@ -102,7 +102,12 @@ def test_per_example_grads_equal_one_backward_each(ddp_run):
     split = run.data["train"]
     idx = [0, 1, 2, 3, 4, 5]  # different lengths: padded in the batch, unpadded one by one
     assert len({len(split["input_ids"][i]) for i in idx}) > 1
-    flat, logits = PerExampleGrads(run.model, names)(collate(split, idx, run.tokenizer.pad_token_id))
+    pg = PerExampleGrads(run.model, names)
+    assert pg.split is not None and pg.split[0] == 1  # layer 0 and the embeddings: one batched forward
+    flat, logits = pg(collate(split, idx, run.tokenizer.pad_token_id))
+    pg.split = None  # the whole model under vmap: the same numbers
+    flat_full, _ = pg(collate(split, idx, run.tokenizer.pad_token_id))
+    assert torch.allclose(flat, flat_full, atol=1e-6, rtol=1e-5)
     params = dict(run.model.named_parameters())
     for k, i in enumerate(idx):
         run.model.zero_grad()
