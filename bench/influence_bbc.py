@@ -138,7 +138,8 @@ def main() -> int:
             print(f"  opponent {o['score']:+.4f} {o['id']} [{o['label']}{' FLIPPED' if o['id'] in flipped else ''}] "
                   f"{o['text'][:90]}…")
         for o in r["proponents"][:2]:
-            print(f"  proponent {o['score']:+.4f} {o['id']} [{o['label']}] {o['text'][:90]}…")
+            print(f"  proponent {o['score']:+.4f} {o['id']} [{o['label']}{' FLIPPED' if o['id'] in flipped else ''}] "
+                  f"{o['text'][:90]}…")
     return 0
 
 

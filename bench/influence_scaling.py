@@ -2,7 +2,7 @@
 projected to d) and scoring throughput, on the first N training examples of a run's last checkpoint, for
 N = n/8, n/4, n/2, n — the cost grows linearly in N (examples/s stays flat).
 
-    .venv/bin/python bench/influence_scaling.py RUN_DIR [--proj-dim 2048] [--layers 1] [--batch-size 16]
+    .venv/bin/python bench/influence_scaling.py RUN_DIR [--proj-dim 2048] [--layers 1] [--batch-size 16] [--max-n N]
 
 RUN_DIR: any classification run with checkpoints (e.g. `python train.py configs/classify/tiny.yaml
 --output_dir=runs/infl-tiny --save_every=40 --keep_checkpoints=3 --classify.epochs=1`).
@@ -25,6 +25,7 @@ def main() -> int:
     ap.add_argument("--proj-dim", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-n", type=int, default=0, help="the largest N (default: every training example)")
     a = ap.parse_args()
     import torch
 
@@ -38,6 +39,7 @@ def main() -> int:
     proj(torch.zeros(1, dim))  # generate (and cache) the projection once, outside the timings
     ckpt = run.checkpoints[-1]
     n = len(run.data["train"]["ids"])
+    n = min(n, a.max_n) if a.max_n > 0 else n
     test = run.data["test" if "test" in run.data else "validation"]
     m = len(test["ids"])
     print(f"{run.run_dir}: {n} training examples, {m} test, D = {dim:,} parameters, d = {proj.out_dim}, "
