@@ -17,6 +17,24 @@ def test_run_configs_validate(path):
     assert cfg.task in ("mlm", "classify")
 
 
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs" / "prompt").glob("*.yaml")))
+def test_prompt_configs_validate(path):
+    cfg = load_config(ROOT / path)
+    assert cfg.task in ("prompt", "mlm")
+    if cfg.task == "prompt":
+        assert cfg.prompt.verbalizer and "[MASK]" in cfg.prompt.pattern
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_experiment_specs_plan(path, tmp_path):
+    """Every shipped experiment spec plans: its base, overrides and every variant's run config validate."""
+    from llm_dist.analysis.experiments.plan import make_plan
+
+    plan = make_plan(path, str(tmp_path / "out"))
+    assert plan.runs and len({r.key for r in plan.runs}) == len(plan.runs)
+    assert all(r.cfg["task"] in ("classify", "prompt", "mlm") for r in plan.runs)
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")))
 def test_accelerate_configs_parse(path):
     cfg = yaml.safe_load(path.read_text())
