@@ -176,3 +176,37 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(eager, tmp_path_fa
     assert len(err) == 1 and "planted compiler failure" in err[0] and "running eagerly" in err[0]
     assert result["compile"]["compiled"] is False and "planted compiler failure" in result["compile"]["fallback"]
     assert result["final_step"] == 4 and losses == eager[1]
+
+
+def test_gradient_checkpointing_recomputes_and_trains_the_same(eager, tmp_path_factory, tokenizer_dir, monkeypatch):
+    """`model.gradient_checkpointing: true`: HF's flag is on in every layer, torch's checkpoint runs once per
+    layer per forward, and the losses equal the run without it (non-reentrant checkpointing replays the
+    dropout RNG)."""
+    import transformers.modeling_utils as mu
+
+    from llm_dist.training.callbacks import Callback
+    from llm_dist.training.speed import hf_models
+
+    calls, seen = [], {}
+    orig = mu.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return orig(fn, *args, **kwargs)
+
+    monkeypatch.setattr(mu, "checkpoint", counting)
+
+    class Flags(Callback):
+        name = "flags"
+
+        def on_train_start(self, ctx):
+            hf = hf_models(ctx.model)[0]
+            seen["layers"] = [getattr(m, "gradient_checkpointing", None) for m in hf.modules()
+                              if type(m).__name__ == "BertLayer"]
+
+    result, losses, _ = _run(tmp_path_factory, tokenizer_dir, "gc", "--model.gradient_checkpointing=true",
+                             callbacks=[Flags()])
+    n_layers = len(seen["layers"])
+    assert n_layers >= 1 and all(seen["layers"])
+    assert len(calls) == 4 * n_layers and set(calls) == {False}  # 4 steps, every layer, non-reentrant
+    assert losses == pytest.approx(eager[1], rel=1e-5)

@@ -31,7 +31,11 @@ def enable_gradient_checkpointing(model) -> list[str]:
 
     for m in hf_models(model):
         if getattr(m, "supports_gradient_checkpointing", False):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers v5 (gradient_… is its deprecated alias)
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if hasattr(m.config, "use_cache"):
                 m.config.use_cache = False
             return [type(m).__name__]
