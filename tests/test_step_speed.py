@@ -210,3 +210,45 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same(eager, tmp_path_f
     assert n_layers >= 1 and all(seen["layers"])
     assert len(calls) == 4 * n_layers and set(calls) == {False}  # 4 steps, every layer, non-reentrant
     assert losses == pytest.approx(eager[1], rel=1e-5)
+
+
+def test_dataloader_workers_train_the_same_and_resume_exactly(eager, tmp_path_factory, tokenizer_dir):
+    """`data.num_workers: 2`: DataLoader workers build the classify batches ahead; a run stopped (signal) at
+    step 2 and resumed gives the same 4 losses and final weights as the uninterrupted run without workers:
+    the checkpoint counts consumed batches, not the ones the workers had prefetched."""
+    import json
+    import signal
+
+    from llm_dist.training.callbacks import Callback
+    from llm_dist.training.signals import StopSignal
+
+    stop, used = StopSignal(), {}
+
+    class StopAfterFirst(Callback):
+        name = "stop_after_first"
+
+        def on_step_end(self, ctx, out):
+            used["workers"] = ctx.task._loader_iter._num_workers  # the batches came from 2 worker processes
+            if out.step == 1:
+                stop.received = signal.SIGTERM  # read at the next step boundary: saved at step 2
+
+    from llm_dist.config import load_config
+    from llm_dist.training.loop import run
+
+    out = tmp_path_factory.mktemp("workers")
+    args = [f"--output_dir={out}", f"--tokenizer.path={tokenizer_dir}", "--max_steps=4", "--log_every=1",
+            "--tracking.progress=false", "--batch_size=8", "--data.max_length=32", "--eval_every=0", "--seed=1",
+            "--data.pad_to_max_length=true", "--data.num_workers=2"]
+    try:
+        first = run(load_config(CLS, args), stop=stop, callbacks=[StopAfterFirst()])
+    finally:
+        stop.restore()
+    assert first["signalled"] and first["final_step"] == 2 and used["workers"] == 2
+    saved = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert saved["batches"] == {"epoch": 0, "consumed": 16}  # 2 steps × 8, whatever the workers prefetched
+    result = run(load_config(CLS, args))
+    from conftest import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(out) if "loss" in r and "eval_loss" not in r]
+    assert result["final_step"] == 4 and losses == eager[1]
+    assert result["param_checksums"] == eager[0]["param_checksums"]
