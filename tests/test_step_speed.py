@@ -35,6 +35,9 @@ class LinearTask:
     def tokens(self, batch):
         return int(batch["x"].shape[0] * batch["x"].shape[1])
 
+    def step_flops(self, batch):
+        return 6.0 * 8 * 3 * batch["x"].shape[0]
+
     def loss(self, model, batch):
         logits = model(batch["x"])
         losses = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none") * batch["weight"]
@@ -75,7 +78,7 @@ def test_plain_step_reads_the_device_once_per_step_whatever_the_micro_batches(mo
             old_loss += out.loss_sum.detach().float().item()
             old_correct += float(out.metrics["correct"])
         assert float(r.loss_local) == old_loss and float(r.sums["correct"]) == old_correct
-        assert r.n_global == 4 * n and r.tokens_global == 32 * n
+        assert r.n_global == 4 * n and r.tokens_global == 32 * n and r.flops_global == 6.0 * 8 * 3 * 4 * n
         model.zero_grad()
     assert seen[1] == seen[4] == ["tolist"], seen
 
@@ -252,3 +255,54 @@ def test_dataloader_workers_train_the_same_and_resume_exactly(eager, tmp_path_fa
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r and "eval_loss" not in r]
     assert result["final_step"] == 4 and losses == eager[1]
     assert result["param_checksums"] == eager[0]["param_checksums"]
+
+
+def test_throughput_window_counts_training_steps_only(tmp_path_factory, tokenizer_dir):
+    """A slow evaluation and checkpoint (1 s each, planted) between steps: the logged window
+    (`train_step_seconds`, from which tokens/s and MFU come) leaves them out by construction; MFU uses the
+    FLOPs of the batches' real lengths."""
+    import time
+
+    from llm_dist.models.build import flops_per_token
+    from llm_dist.training.callbacks import Callback
+
+    seen = {"flops": 0.0}
+
+    class Slow(Callback):
+        name = "slow"
+
+        def on_step_end(self, ctx, out):
+            seen["task"] = ctx.task
+            seen["flops"] += sum(ctx.task.step_flops(b) for b in out.batches)
+
+        def on_evaluate(self, ctx, metrics):
+            if ctx.step == 2:
+                time.sleep(1.0)
+
+        def on_save(self, ctx, step):
+            if step == 2:
+                time.sleep(1.0)
+
+    t0 = time.perf_counter()
+    result, _, out = _run(tmp_path_factory, tokenizer_dir, "window", "--eval_every=2", "--save_every=2",
+                          "--log_every=4", callbacks=[Slow()])
+    from conftest import read_metrics
+
+    row = [r for r in read_metrics(out) if "tokens_per_s" in r][-1]
+    assert row["step"] == 4 and row["tokens_per_s"] * row["train_step_seconds"] == pytest.approx(result["tokens_seen"])
+    assert row["train_step_seconds"] == pytest.approx(result["step_seconds"])
+    assert result["step_seconds"] < result["train_seconds"] - 2.0 < time.perf_counter() - t0
+    task = seen["task"]
+    peak = 0.5  # the CPU default of tracking.peak_tflops (meters.CPU_PEAK_TFLOPS)
+    assert row["mfu"] == pytest.approx(seen["flops"] / row["train_step_seconds"] / (peak * 1e12), rel=1e-6)
+    # attention over each example's own length: one example of length L costs L × flops_per_token(L)
+    c = task.model.config
+    head = c.hidden_size * (c.hidden_size + len(task.names))
+    for lengths in ([10], [10, 20]):
+        mask = torch.zeros(len(lengths), 32, dtype=torch.long)
+        for i, n in enumerate(lengths):
+            mask[i, :n] = 1
+        batch = {"attention_mask": mask, "weight": torch.ones(len(lengths))}
+        want = sum(n * flops_per_token(c, n, head_params=head) for n in lengths)
+        assert task.step_flops(batch) == pytest.approx(want, rel=1e-12)
+    assert task.step_flops(batch) < 30 * task.flops_per_token()  # the old estimate: attention over max_length

@@ -161,7 +161,9 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
     model.train()
     stop.enter("training")  # from here a signal is read at the next step boundary (every rank agrees)
     t_start = time.time()
+    step_seconds = 0.0  # training steps only (the throughput / MFU window): no eval, checkpoint or log work
     while state["step"] < total_steps:
+        t_step = time.perf_counter()
         micro = []
         for _ in range(cfg.grad_accum):
             try:
@@ -199,6 +201,8 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         samples = sum(b["input_ids"].shape[0] for b in micro) * world
+        seconds = time.perf_counter() - t_step
+        step_seconds += seconds
         state["step"] += 1
         state["tokens_seen"] += int(r.tokens_global)
         state["samples_seen"] += int(samples)
@@ -208,7 +212,8 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
         for k, v in r.sums.items():
             window["sums"][k] = window["sums"][k] + v if k in window["sums"] else v
         cbs.on_step_end(ctx, StepOutput(state["step"], micro, r.outputs, grad_norm, action == "skip",
-                                        tokens=r.tokens_global, samples=samples))
+                                        tokens=r.tokens_global, samples=samples, seconds=seconds,
+                                        flops=r.flops_global))
         bar.update(1)
 
         if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
@@ -234,7 +239,7 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
     result = {"final_step": state["step"], "world_size": world, "num_machines": _num_machines(world),
               "distributed_type": acc.distributed_type.value, "zero_stage": state["zero_stage"],
               "mixed_precision": str(acc.mixed_precision), "tokens_seen": state["tokens_seen"],
-              "signalled": signalled, "train_seconds": time.time() - t_start, "malloc_release": malloc_release,
+              "signalled": signalled, "train_seconds": time.time() - t_start, "step_seconds": step_seconds, "malloc_release": malloc_release,
               **params}
     if compiled is not None:
         result["compile"] = compiled.record()

@@ -26,24 +26,25 @@ class StepResult:
     loss_local: "torch.Tensor | float"  # this rank's summed loss (a float64 device scalar)
     sums: dict  # this rank's summed task metrics (float64 device scalars)
     outputs: list = field(default_factory=list)  # the task's LossOutput per micro-batch
+    flops_global: float = 0.0  # the step's training FLOPs over all ranks (task.step_flops: real lengths)
 
 
-def host_counts(task, micro_batches: list[dict]) -> list[tuple[int, int]]:
-    """(loss units, tokens) of each micro-batch, read from the batches while they are still on the host
-    (the loop calls this before moving them to the device: no device sync)."""
-    return [(task.count(b), task.tokens(b)) for b in micro_batches]
+def host_counts(task, micro_batches: list[dict]) -> list[tuple[int, int, float]]:
+    """(loss units, tokens, training FLOPs) of each micro-batch, read from the batches while they are still
+    on the host (the loop calls this before moving them to the device: no device sync)."""
+    return [(task.count(b), task.tokens(b), float(task.step_flops(b))) for b in micro_batches]
 
 
 def count_step(task, micro_batches: list[dict], acc, world_size: int, extra_flag: float = 0.0,
-               counts: list[tuple[int, int]] | None = None):
-    """The one collective before the forward passes: (global units, global tokens, flag sum). `counts`:
-    the micro-batches' `host_counts`, taken before they went to the device (else computed here)."""
+               counts: list[tuple[int, int, float]] | None = None):
+    """The one collective before the forward passes: (global units, global tokens, flag sum, global FLOPs).
+    `counts`: the micro-batches' `host_counts`, taken before they went to the device (else computed here)."""
     counts = host_counts(task, micro_batches) if counts is None else counts
-    local = torch.tensor([sum(c for c, _ in counts), sum(t for _, t in counts), extra_flag],
-                         dtype=torch.float64, device=acc.device)
+    local = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts), extra_flag,
+                          sum(c[2] for c in counts)], dtype=torch.float64, device=acc.device)
     glob = acc.reduce(local, reduction="sum") if world_size > 1 else local
-    n_global, tokens, flag = glob.tolist()  # the step's one read from the device
-    return n_global, tokens, flag
+    n_global, tokens, flag, flops = glob.tolist()  # the step's one read from the device
+    return n_global, tokens, flag, flops
 
 
 def _acc(total: "torch.Tensor | None", value) -> "torch.Tensor":
@@ -72,7 +73,7 @@ class PlainStep:
 
     def __call__(self, model, task, micro_batches: list[dict], acc, world_size: int,
                  extra_flag: float = 0.0, counts: list | None = None) -> StepResult:
-        n_global, tokens, flag = count_step(task, micro_batches, acc, world_size, extra_flag, counts)
+        n_global, tokens, flag, flops = count_step(task, micro_batches, acc, world_size, extra_flag, counts)
         is_ds = acc.distributed_type.value == "DEEPSPEED"
         scale = loss_scale(n_global, world_size, len(micro_batches), is_ds)
         loss_total, sums, outputs = None, {}, []
@@ -87,7 +88,7 @@ class PlainStep:
             outputs.append(out)
             loss_total = _acc(loss_total, out.loss_sum.detach().float())
             _add_sums(sums, out.metrics)
-        return StepResult(n_global, tokens, flag, loss_total, sums, outputs)
+        return StepResult(n_global, tokens, flag, loss_total, sums, outputs, flops)
 
 
 # ----------------------------------------------------------------------------- adversarial training
@@ -188,7 +189,7 @@ class AdversarialStep(PlainStep):
             from ..config import ConfigError
 
             raise ConfigError(DEEPSPEED_UNSUPPORTED)
-        n_global, tokens, flag = count_step(task, micro_batches, acc, world_size, extra_flag, counts)
+        n_global, tokens, flag, flops = count_step(task, micro_batches, acc, world_size, extra_flag, counts)
         scale = loss_scale(n_global, world_size, len(micro_batches), is_ds)
         loss_total, sums, outputs, norms = None, {}, [], []
         with EmbeddingDelta(acc.unwrap_model(model)) as emb:
@@ -205,7 +206,7 @@ class AdversarialStep(PlainStep):
                                  "adv_loss": adv_loss.float()})
                 emb.mask = None
         self.last_norms = torch.cat(norms) if norms else None
-        return StepResult(n_global, tokens, flag, loss_total, sums, outputs)
+        return StepResult(n_global, tokens, flag, loss_total, sums, outputs, flops)
 
     # --- helpers for the strategies --------------------------------------------------------------------
     def pass_ctx(self, final: bool):

@@ -225,6 +225,16 @@ class ClassifyTask(Task):
         cfg = self.model.config
         return flops_per_token(cfg, self.cfg.data.max_length, head_params=cfg.hidden_size * (cfg.hidden_size + len(self.names)))
 
+    def step_flops(self, batch: dict) -> float:
+        """Training FLOPs of a batch from its real lengths: the dense part per real token, plus attention
+        scores and values over each example's own length L_i (not `data.max_length`): 12·layers·hidden·Σ L_i²."""
+        if type(self).flops_per_token is not ClassifyTask.flops_per_token:  # a subclass's own head (prompt)
+            return super().step_flops(batch)
+        cfg = self.model.config
+        lengths = (batch["attention_mask"].sum(1) * (batch["weight"] > 0)).double()
+        dense = flops_per_token(cfg, 0, head_params=cfg.hidden_size * (cfg.hidden_size + len(self.names)))
+        return float(dense * lengths.sum() + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * (lengths ** 2).sum())
+
     def log_row(self, sums: dict, count: float) -> dict:
         row = {"train_accuracy": sums.get("correct", 0.0) / max(count, 1.0)}
         if "adv_rows" in sums:  # an adversarial step strategy (training/steps.py)
