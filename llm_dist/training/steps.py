@@ -38,8 +38,10 @@ def host_counts(task, micro_batches: list[dict]) -> list[tuple[int, int, float]]
 def count_step(task, micro_batches: list[dict], acc, world_size: int, extra_flag: float = 0.0,
                counts: list[tuple[int, int, float]] | None = None):
     """The one collective before the forward passes: (global units, global tokens, flag sum, global FLOPs).
-    `counts`: the micro-batches' `host_counts`, taken before they went to the device (else computed here)."""
-    counts = host_counts(task, micro_batches) if counts is None else counts
+    `counts`: the micro-batches' `host_counts`, taken before they went to the device (else the units and
+    tokens are read here, with no FLOPs: the throughput meter then uses tokens × flops_per_token)."""
+    if counts is None:
+        counts = [(task.count(b), task.tokens(b), 0.0) for b in micro_batches]
     local = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts), extra_flag,
                           sum(c[2] for c in counts)], dtype=torch.float64, device=acc.device)
     glob = acc.reduce(local, reduction="sum") if world_size > 1 else local
