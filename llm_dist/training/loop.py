@@ -239,8 +239,8 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
     result = {"final_step": state["step"], "world_size": world, "num_machines": _num_machines(world),
               "distributed_type": acc.distributed_type.value, "zero_stage": state["zero_stage"],
               "mixed_precision": str(acc.mixed_precision), "tokens_seen": state["tokens_seen"],
-              "signalled": signalled, "train_seconds": time.time() - t_start, "step_seconds": step_seconds, "malloc_release": malloc_release,
-              **params}
+              "signalled": signalled, "train_seconds": time.time() - t_start, "step_seconds": step_seconds,
+              "malloc_release": malloc_release, **params}
     if compiled is not None:
         result["compile"] = compiled.record()
     if diverged is not None:  # nothing saved or exported from non-finite weights; the last good checkpoint stays
