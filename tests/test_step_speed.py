@@ -1,5 +1,7 @@
 """Issue 17, the step: no host sync per micro-batch (counts read on the host before the copies, losses and
-metric sums kept on the device until a log step)."""
+metric sums kept on the device until a log step); `compile: true` and its eager fallback; activation
+checkpointing; classification batches from DataLoader workers with exact resume; a throughput / MFU window
+of training-step time only, with FLOPs from real lengths. The runs share one eager reference run."""
 from __future__ import annotations
 
 import pytest
@@ -144,6 +146,7 @@ def eager(tmp_path_factory, tokenizer_dir):
     return _run(tmp_path_factory, tokenizer_dir, "eager")
 
 
+@pytest.mark.slow  # tiny in-process runs (seconds each)
 def test_compile_runs_the_model_compiled_and_matches_eager(eager, tmp_path_factory, tokenizer_dir):
     """`compile: true` (aot_eager here: the same dynamo capture + AOT autograd as inductor, without the C++
     build that takes ~1 min on 2 cores; inductor: see README): dynamo captured graphs, the losses equal
@@ -162,6 +165,7 @@ def test_compile_runs_the_model_compiled_and_matches_eager(eager, tmp_path_facto
         assert not any("_orig_mod" in k for k in f.keys())
 
 
+@pytest.mark.slow  # tiny in-process runs (seconds each)
 def test_compile_failure_falls_back_to_eager_with_one_warning(eager, tmp_path_factory, tokenizer_dir,
                                                                monkeypatch, capsys):
     """A backend that fails at the first step: one warning line naming the error; the run goes on eagerly
@@ -181,6 +185,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(eager, tmp_path_fa
     assert result["final_step"] == 4 and losses == eager[1]
 
 
+@pytest.mark.slow  # tiny in-process runs (seconds each)
 def test_gradient_checkpointing_recomputes_and_trains_the_same(eager, tmp_path_factory, tokenizer_dir, monkeypatch):
     """`model.gradient_checkpointing: true`: HF's flag is on in every layer, torch's checkpoint runs once per
     layer per forward, and the losses equal the run without it (non-reentrant checkpointing replays the
@@ -215,6 +220,7 @@ def test_gradient_checkpointing_recomputes_and_trains_the_same(eager, tmp_path_f
     assert losses == pytest.approx(eager[1], rel=1e-5)
 
 
+@pytest.mark.slow  # tiny in-process runs (seconds each)
 def test_dataloader_workers_train_the_same_and_resume_exactly(eager, tmp_path_factory, tokenizer_dir):
     """`data.num_workers: 2`: DataLoader workers build the classify batches ahead; a run stopped (signal) at
     step 2 and resumed gives the same 4 losses and final weights as the uninterrupted run without workers:
@@ -257,6 +263,7 @@ def test_dataloader_workers_train_the_same_and_resume_exactly(eager, tmp_path_fa
     assert result["param_checksums"] == eager[0]["param_checksums"]
 
 
+@pytest.mark.slow  # tiny in-process runs (seconds each)
 def test_throughput_window_counts_training_steps_only(tmp_path_factory, tokenizer_dir):
     """A slow evaluation and checkpoint (1 s each, planted) between steps: the logged window
     (`train_step_seconds`, from which tokens/s and MFU come) leaves them out by construction; MFU uses the
