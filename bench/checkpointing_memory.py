@@ -5,7 +5,7 @@ same batch) runs forward + backward with `model.gradient_checkpointing` off and 
 `llm_dist.training.speed.enable_gradient_checkpointing`: HF's non-reentrant checkpointing). Reported:
 
 - `saved MiB`: the bytes autograd keeps for backward during the forward pass, counted exactly with
-  `torch.autograd.graph.saved_tensors_hooks` (activations; with checkpointing, only each layer's input is
+  `torch.autograd.graph.saved_tensors_hooks`, each storage once (activations and the parameters the ops save; with checkpointing, only each layer's input is
   kept — torch's non-reentrant checkpoint replaces the hooks inside a layer, so what it recomputes is not
   stored). This is the peak activation memory of the step, on any device, without allocator noise.
   With checkpointing, backward recomputes one layer at a time, so the true peak adds about one layer's
@@ -13,7 +13,8 @@ same batch) runs forward + backward with `model.gradient_checkpointing` off and 
 - `peak MiB`: how much the first forward + backward raises the process's memory: on CUDA
   `torch.cuda.max_memory_allocated` minus the memory before the step; on CPU the resident-set high-water
   mark (`ru_maxrss`) minus the RSS before the step, in a fresh child process per setting (allocator
-  caching included: what the machine really needs).
+  caching included: what the machine really needs). On the CPU this figure did not drop with checkpointing
+  in our runs (glibc keeps freed heap blocks; the recomputation allocates afresh): read `saved MiB` there.
 - `step s`: median wall time of a forward + backward over `--repeats` runs (checkpointing recomputes each
   layer's forward in backward: expect ~1.3x).
 - `max abs grad diff`: between the two settings' gradients (they compute the same thing; dropout is off).
@@ -59,10 +60,11 @@ def build(preset: str, seq_len: int, gc: bool):
 
 def step(model, batch) -> tuple[int, float]:
     """One forward + backward; (bytes saved for backward, seconds)."""
-    saved = [0]
+    seen: dict = {}
 
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
+    def pack(t):  # one storage saved by several ops (a layer's input for Q, K and V) counts once
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
         return t
 
     model.zero_grad(set_to_none=True)
@@ -72,7 +74,7 @@ def step(model, batch) -> tuple[int, float]:
     loss.backward()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return saved[0], time.perf_counter() - t0
+    return sum(seen.values()), time.perf_counter() - t0
 
 
 def child_peak(preset: str, L: int, batch_size: int, gc: bool) -> float:

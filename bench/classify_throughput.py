@@ -17,8 +17,11 @@ batch 16, at each `--lengths` max_length:
 
 Throughput is wall-clock **non-pad tokens/s** (attention_mask.sum(), which is what llm_dist's meter counts)
 over steps W+1 … N (the first W = --warmup steps, with loader start and allocator warm-up, are not timed):
-for llm_dist from its metrics.jsonl rows (one per step), for the seed loop from the time after each
-optimizer step (so both intervals include data loading, forward, backward and the optimizer step). Besides
+for both loops from the wall clock after each optimizer step (llm_dist: a callback's `on_step_end`), so
+both intervals include data loading, forward, backward, the optimizer step and whatever the loop does
+between steps (llm_dist's logging too; its meter's own figure, training-step time only, is kept in the JSON
+as `meter_tokens_per_s`). `--systems seed,llm_dist,llm_dist_compile` adds a `compile: true` run. The last
+line is a `SUMMARY` in one fixed format, with the issue-17 target (1.3x at 128 tokens). Besides
 each run's whole-window figure, the median over all timed *steps* is given: on a shared machine a burst
 of other jobs spoils a few steps, which moves a window total but hardly a median of steps. The seed loop's padded
 tokens/s (batch × L per step) and both loops' padding fractions (of the very batches each loop trained
