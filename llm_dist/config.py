@@ -161,6 +161,7 @@ class ModelConfig:
     preset: str | None = "tiny"  # tiny | mini | small | base | large (random init)
     path: str | None = None  # local pretrained dir, or pkg:PACKAGE/sub/path (overrides preset)
     attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False  # recompute activations in backward (HF, use_reentrant=False): less memory
     hidden_dropout: float | None = None
     attention_dropout: float | None = None
 
@@ -323,6 +324,8 @@ class RunConfig:
     batch_size: int = 32  # per device micro-batch
     grad_accum: int = 1
     mixed_precision: str = "auto"  # auto (= the launcher's: accelerate config / --mixed_precision, else no) | no | bf16 | fp16
+    compile: bool = False  # run the model under torch.compile (falls back to eager with a warning if it fails)
+    compile_backend: str = "inductor"  # inductor | aot_eager | eager (torch._dynamo backends; tests use aot_eager)
     malloc_release: str = "auto"  # auto (= yes for ZeRO-3 without CUDA) | yes | no: glibc gives freed memory back (training/memory.py)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -342,6 +345,7 @@ class RunConfig:
             "task": tuple(task_names()),
             "mixed_precision": ("auto", "no", "bf16", "fp16"),
             "malloc_release": ("auto", "yes", "no"),
+            "compile_backend": ("inductor", "aot_eager", "eager"),
             "on_nonfinite": ("stop", "skip"),
             "data.label_noise.kind": ("symmetric", "pair", "class_conditional"),
             "optim.scheduler": ("linear", "cosine", "constant_with_warmup", "constant", "wsd"),

@@ -86,6 +86,10 @@ class Task(ABC):
     @abstractmethod
     def flops_per_token(self) -> float: ...
 
+    def step_flops(self, batch: dict) -> float:
+        """Training FLOPs of `batch` (host tensors) for MFU; default: tokens × flops_per_token()."""
+        return self.tokens(batch) * self.flops_per_token()
+
     @abstractmethod
     def log_row(self, sums: dict, count: float) -> dict:
         """Turn summed `LossOutput.metrics` over a log window into metrics (e.g. accuracy)."""

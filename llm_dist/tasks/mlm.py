@@ -37,8 +37,9 @@ class MLMTask(Task):
         self.model = build_mlm_model(cfg, self.tokenizer)
         self.collator = MLMCollator(self.tokenizer, cfg.mlm, document_mask=cfg.data.document_mask)
         self.train_data = self._stream(eval_split=False)
+        pin = torch.cuda.is_available() and accelerator.device.type == "cuda"  # non-blocking copies (loop)
         self.loader = StatefulDataLoader(self.train_data, batch_size=cfg.batch_size, collate_fn=self.collator,
-                                         num_workers=cfg.data.num_workers)
+                                         num_workers=cfg.data.num_workers, pin_memory=pin)
         self._iter = None
 
     def _stream(self, eval_split: bool) -> PackedStream:

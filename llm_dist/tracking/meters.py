@@ -65,24 +65,30 @@ def peak_memory_per_rank(acc) -> dict:
 
 
 class Throughput:
-    """Tokens/s and samples/s over the interval since the last `read()`, plus MFU."""
+    """Tokens/s, samples/s and MFU over the training steps since the last `read()`. The window counts only
+    the steps' own time (`add(..., seconds=)`: data, forward/backward, optimizer), never the evaluation,
+    checkpoint, logging or report work between them; MFU divides the steps' FLOPs (from the tasks' real
+    lengths: `Task.step_flops`) by that time. Without `seconds`, the wall time since the last read."""
 
     def __init__(self, flops_per_token: float, peak: float, world_size: int):
         self.flops_per_token, self.peak, self.world = flops_per_token, peak, world_size
         self.reset()
 
     def reset(self):
-        self.t0, self.tokens, self.samples = time.perf_counter(), 0, 0
+        self.t0, self.tokens, self.samples, self.seconds, self.flops = time.perf_counter(), 0, 0, 0.0, 0.0
 
-    def add(self, tokens: int, samples: int):
+    def add(self, tokens: int, samples: int, seconds: float = 0.0, flops: float = 0.0):
         self.tokens += tokens
         self.samples += samples
+        self.seconds += seconds
+        self.flops += flops
 
     def read(self) -> dict:
-        dt = max(time.perf_counter() - self.t0, 1e-9)
+        dt = max(self.seconds if self.seconds > 0 else time.perf_counter() - self.t0, 1e-9)
         tps = self.tokens / dt
-        out = {"tokens_per_s": tps, "samples_per_s": self.samples / dt,
-               "mfu": self.flops_per_token * tps / (self.peak * 1e12 * self.world)}
+        flops = self.flops if self.flops > 0 else self.flops_per_token * self.tokens
+        out = {"tokens_per_s": tps, "samples_per_s": self.samples / dt, "train_step_seconds": dt,
+               "mfu": flops / dt / (self.peak * 1e12 * self.world)}
         self.reset()
         return out
 
@@ -119,7 +125,7 @@ class ThroughputMeter(Callback):
         self.meter = Throughput(flops_per_token, peak, world_size)
 
     def on_step_end(self, ctx, out) -> None:
-        self.meter.add(int(out.tokens), int(out.samples))
+        self.meter.add(int(out.tokens), int(out.samples), out.seconds, out.flops)
 
     def on_log(self, ctx, row: dict) -> None:
         if "loss" in row:

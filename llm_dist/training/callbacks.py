@@ -38,6 +38,8 @@ class StepOutput:
     skipped: bool = False  # the optimizer step was dropped (on_nonfinite: skip)
     tokens: float = 0  # tokens of the step over all ranks
     samples: int = 0  # sequences / examples of the step over all ranks
+    seconds: float = 0.0  # the step's own time (data, forward/backward, optimizer): the throughput window
+    flops: float = 0.0  # the step's training FLOPs over all ranks (Task.step_flops)
 
 
 @dataclass

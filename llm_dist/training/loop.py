@@ -33,7 +33,8 @@ from .nonfinite import report as nonfinite_report
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .preflight import preflight, prepare_output_dir
 from .signals import Interrupted, StopSignal
-from .steps import make_step, train_step  # noqa: F401 - train_step: the plain step as a function (scripts)
+from .speed import CompiledModel, enable_gradient_checkpointing
+from .steps import host_counts, make_step, train_step  # noqa: F401 - train_step: the plain step as a function (scripts)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -75,6 +76,9 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
     if main:  # once the task (data, tokenizer, model) is built
         save_config(cfg, out / "config.yaml")
     model = task.model.to(acc.device)
+    if cfg.model.gradient_checkpointing:  # activations recomputed in backward (training/speed.py)
+        enable_gradient_checkpointing(model)
+    compiled = CompiledModel(model, cfg.compile_backend, main) if cfg.compile else None  # in place, before prepare
     params = _param_counts(model)
     total_steps = task.total_steps()
     eval_every, save_every = _every(cfg.eval_every, task), _every(cfg.save_every, task)
@@ -151,22 +155,29 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
 
     step_fn = make_step(cfg)
     guard = NonFiniteGuard(cfg.on_nonfinite, cfg.max_nonfinite_skips, nonfinite_checked(acc))
-    window = {"loss": 0.0, "count": 0.0, "sums": {}}
+    window = _new_window()
     signalled, diverged = False, None
     cbs.on_train_start(ctx)
     model.train()
     stop.enter("training")  # from here a signal is read at the next step boundary (every rank agrees)
     t_start = time.time()
+    step_seconds = 0.0  # training steps only (the throughput / MFU window): no eval, checkpoint or log work
     while state["step"] < total_steps:
+        t_step = time.perf_counter()
         micro = []
         for _ in range(cfg.grad_accum):
             try:
-                micro.append(_to_device(task.next_batch(), acc.device))
+                micro.append(task.next_batch())
             except StopIteration:
                 break
         if not micro:  # a finite data source ran out
             break
-        r = step_fn(model, task, micro, acc, world, float(stop.flag))
+        counts = host_counts(task, micro)  # read on the host, before the copies: no device sync per micro-batch
+        micro = [_to_device(b, acc.device) for b in micro]
+        if compiled is not None:  # a compile error inside the step: one warning, then the step again eagerly
+            r = compiled.step(step_fn, optimizer, model, task, micro, acc, world, float(stop.flag), counts=counts)
+        else:
+            r = step_fn(model, task, micro, acc, world, float(stop.flag), counts=counts)
         if is_deepspeed(acc):  # the engine clipped (gradient_clipping) and stepped in backward()
             grad_norm = model.get_global_grad_norm()
         elif cfg.optim.max_grad_norm > 0:
@@ -177,11 +188,12 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
         # every rank: no extra collective. (DeepSpeed has stepped already: skipping is impossible there.)
         action = guard.check(r.loss_local, grad_norm, acc, can_skip=not is_deepspeed(acc))
         if action == "stop":
-            diverged = nonfinite_report(task, micro, acc, state["step"] + 1, r.loss_local, grad_norm, "stopped", guard)
+            diverged = nonfinite_report(task, micro, acc, state["step"] + 1, float(r.loss_local), grad_norm, "stopped",
+                                        guard)
             optimizer.zero_grad(set_to_none=True)
             break
         if action == "skip":
-            nonfinite_report(task, micro, acc, state["step"] + 1, r.loss_local, grad_norm,
+            nonfinite_report(task, micro, acc, state["step"] + 1, float(r.loss_local), grad_norm,
                              "skipped the optimizer step", guard)
         else:
             optimizer.step()
@@ -189,21 +201,25 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         samples = sum(b["input_ids"].shape[0] for b in micro) * world
+        seconds = time.perf_counter() - t_step
+        step_seconds += seconds
         state["step"] += 1
         state["tokens_seen"] += int(r.tokens_global)
         state["samples_seen"] += int(samples)
-        window["loss"] += r.loss_local
+        # device scalars, added on the device: read once per log step (_train_row)
+        window["loss"] = r.loss_local if window["loss"] is None else window["loss"] + r.loss_local
         window["count"] += r.n_global / world  # local share; the log step reduces exactly below
         for k, v in r.sums.items():
-            window["sums"][k] = window["sums"].get(k, 0.0) + v
+            window["sums"][k] = window["sums"][k] + v if k in window["sums"] else v
         cbs.on_step_end(ctx, StepOutput(state["step"], micro, r.outputs, grad_norm, action == "skip",
-                                        tokens=r.tokens_global, samples=samples))
+                                        tokens=r.tokens_global, samples=samples, seconds=seconds,
+                                        flops=r.flops_global))
         bar.update(1)
 
         if state["step"] % cfg.log_every == 0 or state["step"] == total_steps:
             row = log(_train_row(window, micro, acc, model, scheduler, grad_norm, state, task, guard))
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}")
-            window = {"loss": 0.0, "count": 0.0, "sums": {}}
+            window = _new_window()
 
         done = state["step"] >= total_steps or (cfg.max_tokens and state["tokens_seen"] >= cfg.max_tokens)
         signalled = r.flag > 0
@@ -223,8 +239,10 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
     result = {"final_step": state["step"], "world_size": world, "num_machines": _num_machines(world),
               "distributed_type": acc.distributed_type.value, "zero_stage": state["zero_stage"],
               "mixed_precision": str(acc.mixed_precision), "tokens_seen": state["tokens_seen"],
-              "signalled": signalled, "train_seconds": time.time() - t_start, "malloc_release": malloc_release,
-              **params}
+              "signalled": signalled, "train_seconds": time.time() - t_start, "step_seconds": step_seconds,
+              "malloc_release": malloc_release, **params}
+    if compiled is not None:
+        result["compile"] = compiled.record()
     if diverged is not None:  # nothing saved or exported from non-finite weights; the last good checkpoint stays
         result["diverged"] = diverged
         last = ckpt.complete()
@@ -270,20 +288,34 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
     return result
 
 
+def _new_window() -> dict:
+    """A log window: the summed loss and metrics (float64 device scalars, None / {} until a step adds them)."""
+    return {"loss": None, "count": 0.0, "sums": {}}
+
+
+def _scalar(value, device) -> torch.Tensor:
+    if value is None:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    return value.to(device, torch.float64) if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64,
+                                                                                     device=device)
+
+
 def _train_row(window, micro, acc, model, scheduler, grad_norm, state, task, guard) -> dict:
-    """The log step's training row: the window's loss and task metrics reduced exactly over ranks."""
+    """The log step's training row: the window's loss and task metrics reduced exactly over ranks (the
+    window's device scalars are stacked and read here, once per log step)."""
     world = acc.num_processes
     window["sums"]["batch_fingerprint"] = float(sum(_fingerprint(b) for b in micro))
     keys = sorted(window["sums"])
-    vec = torch.tensor([window["loss"], *[window["sums"][k] for k in keys]], dtype=torch.float64, device=acc.device)
+    vec = torch.stack([_scalar(window["loss"], acc.device), *[_scalar(window["sums"][k], acc.device) for k in keys]])
     vec = acc.reduce(vec, reduction="sum") if world > 1 else vec
     count = window["count"] * world
-    row = {"loss": vec[0].item() / max(count, 1.0), "lr": _current_lr(model, scheduler),
+    values = vec.tolist()
+    row = {"loss": values[0] / max(count, 1.0), "lr": _current_lr(model, scheduler),
            "grad_norm": float(grad_norm) if grad_norm is not None else None,
            "tokens_seen": state["tokens_seen"], "samples_seen": state["samples_seen"],
-           **task.log_row({k: vec[i + 1].item() for i, k in enumerate(keys)}, count), **memory_stats()}
+           **task.log_row({k: values[i + 1] for i, k in enumerate(keys)}, count), **memory_stats()}
     row["peak_rss_gb"] = peak_memory_per_rank(acc)["peak_rss_gb"]  # max over ranks (rss_gb: rank 0 now)
-    row["batch_fingerprint"] = int(vec[1 + keys.index("batch_fingerprint")].item())
+    row["batch_fingerprint"] = int(values[1 + keys.index("batch_fingerprint")])
     scale = _loss_scale(model, acc)
     if scale is not None:
         row["loss_scale"] = scale

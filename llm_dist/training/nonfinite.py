@@ -27,14 +27,15 @@ class NonFiniteGuard:
         self.consecutive = 0
         self.skipped = 0
 
-    def check(self, loss: float, grad_norm, acc, can_skip: bool) -> str:
-        """'ok' | 'skip' | 'stop' for this step, the same on every rank."""
+    def check(self, loss, grad_norm, acc, can_skip: bool) -> str:
+        """'ok' | 'skip' | 'stop' for this step, the same on every rank. `loss`: this rank's summed loss
+        (a float or a device scalar, read only where it decides)."""
         if not self.active:
             return "ok"
         if grad_norm is not None:  # computed from reduced gradients: equal on every rank
-            bad = not math.isfinite(float(grad_norm)) or (acc.num_processes == 1 and not math.isfinite(loss))
+            bad = not math.isfinite(float(grad_norm)) or (acc.num_processes == 1 and not math.isfinite(float(loss)))
         else:  # no norm to read (an engine that does not report one): agree on the losses
-            bad = not math.isfinite(loss)
+            bad = not math.isfinite(float(loss))
             if acc.num_processes > 1:
                 bad = acc.reduce(torch.tensor([float(bad)], device=acc.device), reduction="sum").item() > 0
         if not bad:

@@ -15,20 +15,49 @@ import torch
 
 @dataclass
 class StepResult:
+    """What a step strategy returns. The counts come from the step's one collective (host floats); the
+    loss and metric sums stay device tensors (float64, detached) so a step never waits for the device per
+    micro-batch: the loop reads them at log steps only (and the non-finite guard reads `loss_local` once
+    per step, where it needs it)."""
+
     n_global: float  # loss units in the step over all ranks (masked tokens / examples)
     tokens_global: float
     flag: float  # the signal flag summed over ranks (> 0: stop after this step)
-    loss_local: float  # this rank's summed loss
-    sums: dict  # this rank's summed task metrics
+    loss_local: "torch.Tensor | float"  # this rank's summed loss (a float64 device scalar)
+    sums: dict  # this rank's summed task metrics (float64 device scalars)
     outputs: list = field(default_factory=list)  # the task's LossOutput per micro-batch
+    flops_global: float = 0.0  # the step's training FLOPs over all ranks (task.step_flops: real lengths)
 
 
-def count_step(task, micro_batches: list[dict], acc, world_size: int, extra_flag: float = 0.0):
-    """The one collective before the forward passes: (global units, global tokens, flag sum)."""
-    local = torch.tensor([sum(task.count(b) for b in micro_batches), sum(task.tokens(b) for b in micro_batches),
-                          extra_flag], dtype=torch.float64, device=acc.device)
+def host_counts(task, micro_batches: list[dict]) -> list[tuple[int, int, float]]:
+    """(loss units, tokens, training FLOPs) of each micro-batch, read from the batches while they are still
+    on the host (the loop calls this before moving them to the device: no device sync)."""
+    return [(task.count(b), task.tokens(b), float(task.step_flops(b))) for b in micro_batches]
+
+
+def count_step(task, micro_batches: list[dict], acc, world_size: int, extra_flag: float = 0.0,
+               counts: list[tuple[int, int, float]] | None = None):
+    """The one collective before the forward passes: (global units, global tokens, flag sum, global FLOPs).
+    `counts`: the micro-batches' `host_counts`, taken before they went to the device (else the units and
+    tokens are read here, with no FLOPs: the throughput meter then uses tokens × flops_per_token)."""
+    if counts is None:
+        counts = [(task.count(b), task.tokens(b), 0.0) for b in micro_batches]
+    local = torch.tensor([sum(c[0] for c in counts), sum(c[1] for c in counts), extra_flag,
+                          sum(c[2] for c in counts)], dtype=torch.float64, device=acc.device)
     glob = acc.reduce(local, reduction="sum") if world_size > 1 else local
-    return glob[0].item(), glob[1].item(), glob[2].item()
+    n_global, tokens, flag, flops = glob.tolist()  # the step's one read from the device
+    return n_global, tokens, flag, flops
+
+
+def _acc(total: "torch.Tensor | None", value) -> "torch.Tensor":
+    """total + value as a detached float64 device scalar (float64 like the Python floats it replaces)."""
+    v = value.detach().double() if torch.is_tensor(value) else torch.tensor(float(value), dtype=torch.float64)
+    return v if total is None else total + v
+
+
+def _add_sums(sums: dict, metrics: dict) -> None:
+    for k, v in metrics.items():
+        sums[k] = _acc(sums.get(k), v)
 
 
 def loss_scale(n_global: float, world_size: int, n_micro: int, is_ds: bool) -> float:
@@ -45,11 +74,11 @@ class PlainStep:
     name = "plain"
 
     def __call__(self, model, task, micro_batches: list[dict], acc, world_size: int,
-                 extra_flag: float = 0.0) -> StepResult:
-        n_global, tokens, flag = count_step(task, micro_batches, acc, world_size, extra_flag)
+                 extra_flag: float = 0.0, counts: list | None = None) -> StepResult:
+        n_global, tokens, flag, flops = count_step(task, micro_batches, acc, world_size, extra_flag, counts)
         is_ds = acc.distributed_type.value == "DEEPSPEED"
         scale = loss_scale(n_global, world_size, len(micro_batches), is_ds)
-        loss_total, sums, outputs = 0.0, {}, []
+        loss_total, sums, outputs = None, {}, []
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if (last or is_ds) else acc.no_sync(model)
@@ -59,10 +88,9 @@ class PlainStep:
                 out = task.loss(model, mb)
                 acc.backward(out.loss_sum * scale)
             outputs.append(out)
-            loss_total += out.loss_sum.detach().float().item()
-            for k, v in out.metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        return StepResult(n_global, tokens, flag, loss_total, sums, outputs)
+            loss_total = _acc(loss_total, out.loss_sum.detach().float())
+            _add_sums(sums, out.metrics)
+        return StepResult(n_global, tokens, flag, loss_total, sums, outputs, flops)
 
 
 # ----------------------------------------------------------------------------- adversarial training
@@ -157,31 +185,30 @@ class AdversarialStep(PlainStep):
         self.last_norms: torch.Tensor | None = None
 
     def __call__(self, model, task, micro_batches: list[dict], acc, world_size: int,
-                 extra_flag: float = 0.0) -> StepResult:
+                 extra_flag: float = 0.0, counts: list | None = None) -> StepResult:
         is_ds = acc.distributed_type.value == "DEEPSPEED"
         if is_ds:  # see DEEPSPEED_UNSUPPORTED
             from ..config import ConfigError
 
             raise ConfigError(DEEPSPEED_UNSUPPORTED)
-        n_global, tokens, flag = count_step(task, micro_batches, acc, world_size, extra_flag)
+        n_global, tokens, flag, flops = count_step(task, micro_batches, acc, world_size, extra_flag, counts)
         scale = loss_scale(n_global, world_size, len(micro_batches), is_ds)
-        loss_total, sums, outputs, norms = 0.0, {"adv_norm": 0.0, "adv_rows": 0.0, "adv_loss": 0.0}, [], []
+        loss_total, sums, outputs, norms = None, {}, [], []
         with EmbeddingDelta(acc.unwrap_model(model)) as emb:
             for i, mb in enumerate(micro_batches):
                 self._ctx = (model, acc, is_ds, i == len(micro_batches) - 1)
                 out, delta, adv_loss = self.micro(model, task, mb, acc, scale, emb)
                 outputs.append(out)
-                loss_total += out.loss_sum.detach().float().item()
-                for k, v in out.metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                loss_total = _acc(loss_total, out.loss_sum.detach().float())
+                _add_sums(sums, out.metrics)
                 nrm = row_norms(delta.detach())
                 norms.append(nrm)
-                sums["adv_norm"] += float(nrm.sum())  # rows with no gradient (padding examples) add 0 …
-                sums["adv_rows"] += float((nrm > 0).sum())  # … and are not counted
-                sums["adv_loss"] += float(adv_loss)
+                _add_sums(sums, {"adv_norm": nrm.sum(),  # rows with no gradient (padding examples) add 0 …
+                                 "adv_rows": (nrm > 0).sum(),  # … and are not counted
+                                 "adv_loss": adv_loss.float()})
                 emb.mask = None
         self.last_norms = torch.cat(norms) if norms else None
-        return StepResult(n_global, tokens, flag, loss_total, sums, outputs)
+        return StepResult(n_global, tokens, flag, loss_total, sums, outputs, flops)
 
     # --- helpers for the strategies --------------------------------------------------------------------
     def pass_ctx(self, final: bool):
@@ -201,13 +228,13 @@ class AdversarialStep(PlainStep):
             acc.backward(out.loss_sum * scale)
         return out, emb.delta
 
-    def grad_only(self, model, task, mb, acc, emb, delta) -> tuple[torch.Tensor, float]:
+    def grad_only(self, model, task, mb, acc, emb, delta) -> tuple[torch.Tensor, torch.Tensor]:
         """∂loss/∂δ at δ, without touching any parameter gradient (DDP: outside gradient sync)."""
         emb.set(delta, True)
         with self.pass_ctx(False), acc.autocast():
             out = task.loss(model, mb)
             (g,) = torch.autograd.grad(out.loss_sum, emb.delta)
-        return g, out.loss_sum.detach().float().item()
+        return g, out.loss_sum.detach().float()
 
     def micro(self, model, task, mb, acc, scale, emb):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -223,7 +250,7 @@ class FGMStep(AdversarialStep):
         out, d = self.loss_pass(model, task, mb, acc, emb, None, scale, final=False)
         r = self.cfg.epsilon * normalize(d.grad, emb.mask)
         adv, _ = self.loss_pass(model, task, mb, acc, emb, r, scale, final=True, grad_delta=False)
-        return out, r, adv.loss_sum.detach().float().item()
+        return out, r, adv.loss_sum.detach().float()
 
 
 class PGDStep(AdversarialStep):
@@ -249,7 +276,7 @@ class PGDStep(AdversarialStep):
             if k < c.steps - 1:
                 g, _ = self.grad_only(model, task, mb, acc, emb, delta)
         adv, _ = self.loss_pass(model, task, mb, acc, emb, delta, scale, final=True, grad_delta=False)
-        return out, delta, adv.loss_sum.detach().float().item()
+        return out, delta, adv.loss_sum.detach().float()
 
 
 class FreeLBStep(AdversarialStep):
@@ -268,7 +295,7 @@ class FreeLBStep(AdversarialStep):
 
     def micro(self, model, task, mb, acc, scale, emb):
         c = self.cfg
-        delta, first, adv_loss = None, None, 0.0
+        delta, first, adv_loss = None, None, None
         if c.init > 0:  # a random direction with norm `init`, shaped on the first forward
             def make(shape, mask, device):
                 r = normalize(torch.randn(shape, device=device), mask)
@@ -285,7 +312,7 @@ class FreeLBStep(AdversarialStep):
                 out, d = self.loss_pass(model, task, mb, acc, emb, delta, scale / c.steps, final=t == c.steps - 1)
             emb.make = None
             first = first or out
-            adv_loss = out.loss_sum.detach().float().item()
+            adv_loss = out.loss_sum.detach().float()
             if t < c.steps - 1:
                 delta = project(d.detach() + c.step_size * normalize(d.grad, emb.mask), c.epsilon)
             else:
@@ -327,7 +354,7 @@ class SMARTStep(AdversarialStep):
             adv_logits, _ = task.logits(model, mb)
             reg = (sym_kl(adv_logits.float(), clean) * weight).sum()
             acc.backward(reg * (c.smart_weight * scale))
-        return out, delta, reg.detach().float().item()
+        return out, delta, reg.detach().float()
 
 
 def sym_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ predictions (`metrics.py`). The model and PEFT wrapping live in `model.py`; the 
 stopping are the loop's `BestModel` callback, driven by `metric_for_best()` here."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -23,6 +24,38 @@ from ..base import FinalReport, LossOutput, Task, register
 from .losses import class_weights, per_example_loss
 from .metrics import compute_metrics, plot_confusion, report_text
 from .model import build_classifier, save_classifier
+
+
+def step_keys(batches: GlobalBatches) -> list[tuple]:
+    """This rank's micro-batch keys (indices, epoch, position of the first example in the epoch's global
+    order) for the next optimizer step; advances `batches`."""
+    epoch, start = batches.epoch, batches.consumed
+    return [(ix, epoch, start + (i * batches.world + batches.rank) * batches.micro)
+            for i, ix in enumerate(batches.step_indices())]
+
+
+class _Plan:
+    """The DataLoader's sampler: the keys of every coming micro-batch, from a copy of the position (the
+    DataLoader runs ahead of training by its prefetch; the task's own position moves on consumption)."""
+
+    def __init__(self, batches: GlobalBatches):
+        self.batches = copy.copy(batches)
+
+    def __iter__(self):
+        while True:
+            yield from step_keys(self.batches)
+
+
+class _KeyedBatches(torch.utils.data.Dataset):
+    """Map-style view for the DataLoader (`batch_size=None`): a key in, its collated micro-batch out."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def __getitem__(self, key) -> dict:
+        batch = self.task.make_batch(key)
+        batch["plan_key"] = (key[1], key[2])
+        return batch
 
 
 @register("classify")
@@ -71,6 +104,7 @@ class ClassifyTask(Task):
         if self.augmentation is not None:
             self.collate["train"] = self.augmentation.collate(self.collate["train"])
         self._pending: list = []
+        self._loader_iter = None  # data.num_workers > 0: the training DataLoader's iterator
         self._eval_loaders = {}
         self.leaked = self._leaked_ids()
         self.steps_per_epoch = self.batches.steps_per_epoch
@@ -95,13 +129,23 @@ class ClassifyTask(Task):
 
     def next_batch(self) -> dict:
         """The next micro-batch, stamped with its epoch and each example's position in the epoch's global
-        order (`pos`; the same on any world size: the training-dynamics ledger keys on it)."""
+        order (`pos`; the same on any world size: the training-dynamics ledger keys on it). With
+        `data.num_workers > 0` DataLoader workers build the batches ahead (`_prefetched`); the position
+        (`self.batches`) still advances here, per consumed micro-batch, so a checkpoint never counts a
+        prefetched batch."""
         if not self._pending:
-            b = self.batches
-            epoch, start = b.epoch, b.consumed
-            self._pending = [(ix, epoch, start + (i * b.world + b.rank) * b.micro)
-                             for i, ix in enumerate(b.step_indices())]
-        ix, epoch, first = self._pending.pop(0)
+            if self.cfg.data.num_workers > 0 and self._loader_iter is None:
+                self._loader_iter = iter(self._train_loader())  # its plan starts at the current position
+            self._pending = step_keys(self.batches)
+        key = self._pending.pop(0)
+        if self._loader_iter is not None:
+            return self._prefetched(key)
+        return self.make_batch(key)
+
+    def make_batch(self, key) -> dict:
+        """The micro-batch of `key` = (indices, epoch, position of its first example); in DataLoader
+        workers too (the augmentation's epoch is set in the process that collates)."""
+        ix, epoch, first = key
         if self.augmentation is not None:
             self.augmentation.epoch = epoch  # augmented copies are drawn afresh each epoch
         batch = self.collate["train"](ix)
@@ -109,12 +153,31 @@ class ClassifyTask(Task):
         batch["pos"] = torch.arange(first, first + len(batch["idx"]))
         return batch
 
+    def _train_loader(self):
+        """A torch DataLoader whose workers collate the micro-batches of a look-ahead copy of the global
+        order (`_Plan`), pinned for non-blocking copies on CUDA."""
+        pin = torch.cuda.is_available() and self.acc.device.type == "cuda"
+        # its own generator: the workers' base seed is not drawn from the global RNG (dropout stays as without workers)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        return torch.utils.data.DataLoader(_KeyedBatches(self), batch_size=None, sampler=_Plan(self.batches),
+                                           num_workers=self.cfg.data.num_workers, pin_memory=pin, generator=gen)
+
+    def _prefetched(self, key) -> dict:
+        batch = next(self._loader_iter)
+        got = batch.pop("plan_key")
+        if tuple(got) != (key[1], key[2]):  # the look-ahead plan and the position went apart: never train on it
+            raise RuntimeError(f"classify data loader out of step: expected (epoch, position) {key[1:]}, got {got}")
+        return batch
+
+    def _reset_loader(self) -> None:
+        self._pending, self._loader_iter = [], None  # workers of a stale look-ahead end with their iterator
+
     def data_state(self) -> dict:
         return {"batches": self.batches.state_dict()}
 
     def load_data_state(self, state: dict) -> None:
         self.batches.load_state_dict(state["batches"])
-        self._pending = []
+        self._reset_loader()
 
     def resume_state(self) -> dict:
         return {"batches": self.batches.state_dict()}
@@ -122,6 +185,7 @@ class ClassifyTask(Task):
     def load_resume_state(self, saved: dict) -> None:  # a world-size change keeps the global position
         if "batches" in saved:
             self.batches.load_state_dict(saved["batches"])
+            self._reset_loader()
 
     def count(self, batch: dict) -> int:
         return int(batch["weight"].sum())  # padding examples (weight 0) at the end of an epoch do not count
@@ -160,6 +224,16 @@ class ClassifyTask(Task):
         """Per real (unpadded) token; attention over `data.max_length` positions (an upper bound)."""
         cfg = self.model.config
         return flops_per_token(cfg, self.cfg.data.max_length, head_params=cfg.hidden_size * (cfg.hidden_size + len(self.names)))
+
+    def step_flops(self, batch: dict) -> float:
+        """Training FLOPs of a batch from its real lengths: the dense part per real token, plus attention
+        scores and values over each example's own length L_i (not `data.max_length`): 12·layers·hidden·Σ L_i²."""
+        if type(self).flops_per_token is not ClassifyTask.flops_per_token:  # a subclass's own head (prompt)
+            return super().step_flops(batch)
+        cfg = self.model.config
+        lengths = (batch["attention_mask"].sum(1) * (batch["weight"] > 0)).double()
+        dense = flops_per_token(cfg, 0, head_params=cfg.hidden_size * (cfg.hidden_size + len(self.names)))
+        return float(dense * lengths.sum() + 12.0 * cfg.num_hidden_layers * cfg.hidden_size * (lengths ** 2).sum())
 
     def log_row(self, sums: dict, count: float) -> dict:
         row = {"train_accuracy": sums.get("correct", 0.0) / max(count, 1.0)}
