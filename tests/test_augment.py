@@ -161,3 +161,35 @@ def test_mlm_augmentation_in_the_training_split(tmp_path, tokenizer_dir):
     orig = t.tokenizer.decode(a["input_ids"][0], skip_special_tokens=True).split()
     new = t.tokenizer.decode(a["input_ids"][1], skip_special_tokens=True).split()
     assert len(orig) == len(new) and 1 <= sum(x != y for x, y in zip(orig, new)) <= round(0.2 * 20) + 1
+
+
+@pytest.mark.slow
+def test_mlm_augmentation_on_two_ranks(tmp_path, tokenizer_dir):
+    """`classify.augment.method: mlm` under DDP (2 ranks): each rank's copies come from the MLM at collate time,
+    the augmented slots (`ID#aug1`) are trained and traced in the ledger, the replicas stay in sync."""
+    import json
+
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from conftest import launch, read_run
+    from llm_dist.analysis.dynamics.ledger import read_ledger
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(tmp_path / "mlm")
+    tok.save_pretrained(tmp_path / "mlm")
+    d, out = write_bbc_subset(tmp_path / "data", words=20), tmp_path / "run"
+    launch("configs/classify/tiny.yaml", f"--output_dir={out}", f"--data.train={d}/train.jsonl",
+           f"--data.validation={d}/validation.jsonl", f"--data.test={d}/test.jsonl", "--data.id_column=id",
+           f"--tokenizer.path={tokenizer_dir}", "--batch_size=8", "--max_steps=6", "--eval_every=0", "--log_every=3",
+           "--tracking.progress=false", "--classify.augment.method=mlm", f"--classify.augment.mlm_path={tmp_path / 'mlm'}",
+           "--classify.augment.alpha=0.2", "--dynamics.enabled=true", "--dynamics.analyze=false")
+    run = read_run(out)
+    assert run["world_size"] == 2 and run["final_step"] == 6 and len(set(run["param_checksums"])) == 1
+    led = read_ledger(out)
+    led = led if hasattr(led, "columns") else led.to_pandas()
+    aug = led[led["id"].str.contains("#aug")]
+    assert len(aug) > 0 and aug["id"].str.endswith("#aug1").all()
+    originals = {json.loads(line)["id"] for line in (d / "train.jsonl").read_text().splitlines()}
+    assert {i.split("#aug")[0] for i in aug["id"]} <= originals
