@@ -60,8 +60,9 @@ def plan(dry_run: bool = False) -> tuple[list[tuple[str, list[str]]], list[str]]
         base = common + [f"--data.seq_len={L}", f"--max_steps={steps}", f"--batch_size={batch}",
                          f"--log_every={max(steps // 6, 1)}"]
         runs.append((f"seq{L}_sdpa", base))
-        if compile_ok:
-            runs.append((f"seq{L}_sdpa_compile", base + ["--compile=true"]))
+        if compile_ok:  # a CPU dry run checks the plumbing: aot_eager (dynamo + AOT autograd, no C++ build)
+            runs.append((f"seq{L}_sdpa_compile",
+                         base + ["--compile=true", f"--compile_backend={'aot_eager' if dry_run else 'inductor'}"]))
         if flash:
             runs.append((f"seq{L}_flash_docmask", [o for o in base if not o.startswith("--model.attn_implementation")]
                          + ["--model.attn_implementation=flash_attention_2", "--data.document_mask=true"]))

@@ -253,23 +253,23 @@ def test_flash_and_flex_get_position_ids_only_and_transformers_finds_the_documen
 
 
 def test_gpu_bench_plan_skips_compile_until_the_key_exists(monkeypatch):
-    """bench/gpu.sh's plan: no compile column while the config has no `compile` key, one once it has."""
-    import dataclasses
+    """bench/gpu.sh's plan: a compile run per length now that the config has `compile` (inductor on the GPU,
+    aot_eager in the CPU dry run), none — with a note — for a config without the key."""
     import sys
 
     sys.path.insert(0, "bench")
     import gpu_bench
 
+    assert gpu_bench.has_config_key("compile") and gpu_bench.has_config_key("data.shards")
+    assert not gpu_bench.has_config_key("data.nope")
+    runs, notes = gpu_bench.plan(dry_run=True)
+    assert [n for n, _ in runs] == ["seq128_sdpa", "seq128_sdpa_compile", "seq512_sdpa", "seq512_sdpa_compile"]
+    assert "--compile_backend=aot_eager" in dict(runs)["seq128_sdpa_compile"] and not any("compile" in n for n in notes)
+    gpu, _ = gpu_bench.plan(dry_run=False)
+    assert "--compile_backend=inductor" in dict(gpu)["seq512_sdpa_compile"]
+    monkeypatch.setattr(gpu_bench, "has_config_key", lambda key: key != "compile")
     runs, notes = gpu_bench.plan(dry_run=True)
     assert [n for n, _ in runs] == ["seq128_sdpa", "seq512_sdpa"] and any("compile: skipped" in n for n in notes)
-    assert gpu_bench.has_config_key("data.shards") and not gpu_bench.has_config_key("data.nope")
-    import llm_dist.config as config
-
-    Patched = dataclasses.make_dataclass("RunConfig", [("compile", bool, dataclasses.field(default=False))],
-                                         bases=(config.RunConfig,))
-    monkeypatch.setattr(config, "RunConfig", Patched)
-    runs, _ = gpu_bench.plan(dry_run=True)
-    assert "seq128_sdpa_compile" in [n for n, _ in runs]
 
 
 @pytest.mark.slow
@@ -285,7 +285,8 @@ def test_gpu_sh_dry_run_prints_the_table(shards, tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((out / "table.json").read_text())
-    assert [r["run"] for r in rows] == ["seq128_sdpa", "seq512_sdpa"] and [r["seq_len"] for r in rows] == [128, 512]
+    assert [r["run"] for r in rows] == ["seq128_sdpa", "seq128_sdpa_compile", "seq512_sdpa", "seq512_sdpa_compile"]
+    assert [r["seq_len"] for r in rows] == [128, 128, 512, 512]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_gb"] > 0 and r["mem_kind"] == "rss"
                for r in rows)
-    assert "tokens/s" in proc.stdout and "seq512_sdpa" in proc.stdout and "compile: skipped" in proc.stdout
+    assert "tokens/s" in proc.stdout and "seq512_sdpa_compile" in proc.stdout and "compile: skipped" not in proc.stdout
