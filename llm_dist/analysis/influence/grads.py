@@ -8,7 +8,8 @@ transformers' own mask builder branches on the mask's values, which vmap cannot 
 parameters all sit in the last layers, the pooler and the head of a BERT-style classifier (`base_model` with
 `embeddings`, `encoder.layer`, `pooler`; a linear `classifier`), the frozen part below them — embeddings
 and the first layers — runs once as an ordinary batched forward without autograd, and only the top layers
-go through vmap (MiniLM-L6, head + last layer: ~5× fewer vmapped FLOPs; the same numbers).
+go through vmap (MiniLM-L6, head + last layer: 1 of 6 layers vmapped, 5.2 vs 3.0 examples/s measured on
+CPU; the same numbers).
 
 Projection (written here rather than taken from a library: trak's and dattri's projectors need CUDA
 kernels or hold the whole D × d matrix; this one is plain torch, CPU or GPU, bounded memory): a D × d matrix
