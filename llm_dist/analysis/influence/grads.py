@@ -107,7 +107,8 @@ class PerExampleGrads:
         self.dim = int(sum(int(np.prod(s)) for s in self.shapes))
 
         def loss(p, input_ids, mask, token_type_ids, label):
-            bias = _bias(mask[None])
+            t = input_ids.shape[0]
+            bias = (1.0 - mask.to(torch.float32))[None, None, None, :].expand(1, 1, t, t) * torch.finfo(torch.float32).min
             out = functional_call(self.model, p, (), {"input_ids": input_ids[None], "attention_mask": bias,
                                                       "token_type_ids": token_type_ids[None]}, strict=False)
             logits = out.logits.float()
