@@ -162,6 +162,8 @@ class ModelConfig:
     path: str | None = None  # local pretrained dir, or pkg:PACKAGE/sub/path (overrides preset)
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute activations in backward (HF, use_reentrant=False): less memory
+    fast_dropout: bool = True  # CPU dropout masks from 64-bit random words (models/fast.py); off: torch's dropout
+    cls_only_last_layer: bool = True  # classification: the last layer computes position 0 only (same logits)
     hidden_dropout: float | None = None
     attention_dropout: float | None = None
 

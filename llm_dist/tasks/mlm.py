@@ -13,6 +13,7 @@ from ..data.mlm import MLMCollator, PackedStream, check_sources, document_attent
 from ..data.shards import ShardCorpus, check_shards, check_tokenizer
 from ..data.sources import iter_texts
 from ..models.build import build_mlm_model, flops_per_token, get_tokenizer, load_tokenizer, tokenizer_source
+from ..models.fast import is_sdpa
 from ..training.signals import poll
 from .base import LossOutput, Task, register
 
@@ -98,7 +99,7 @@ class MLMTask(Task):
         impl = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
         if impl.startswith("flash") or impl == "flex_attention":
             return {"attention_mask": None, "position_ids": batch["position_ids"]}
-        dtype = None if impl == "sdpa" else self._float_dtype(model)
+        dtype = None if is_sdpa(impl) else self._float_dtype(model)
         return {"attention_mask": document_attention_mask(batch["doc_segments"], dtype),
                 "position_ids": batch["position_ids"]}
 

@@ -33,7 +33,7 @@ from .nonfinite import report as nonfinite_report
 from .optim import build_optimizer, build_scheduler, warmup_steps
 from .preflight import preflight, prepare_output_dir
 from .signals import Interrupted, StopSignal
-from .speed import CompiledModel, enable_gradient_checkpointing
+from .speed import CompiledModel, apply_model_speedups, enable_gradient_checkpointing
 from .steps import host_counts, make_step, train_step  # noqa: F401 - train_step: the plain step as a function (scripts)
 
 
@@ -76,6 +76,7 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
     if main:  # once the task (data, tokenizer, model) is built
         save_config(cfg, out / "config.yaml")
     model = task.model.to(acc.device)
+    speedups = apply_model_speedups(model, cfg, task)  # fast CPU dropout, [CLS]-only last layer (models/fast.py)
     if cfg.model.gradient_checkpointing:  # activations recomputed in backward (training/speed.py)
         enable_gradient_checkpointing(model)
     compiled = CompiledModel(model, cfg.compile_backend, main) if cfg.compile else None  # in place, before prepare
@@ -241,6 +242,7 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
               "mixed_precision": str(acc.mixed_precision), "tokens_seen": state["tokens_seen"],
               "signalled": signalled, "train_seconds": time.time() - t_start, "step_seconds": step_seconds,
               "malloc_release": malloc_release, **params}
+    result["speedups"] = speedups
     if compiled is not None:
         result["compile"] = compiled.record()
     if diverged is not None:  # nothing saved or exported from non-finite weights; the last good checkpoint stays

@@ -43,6 +43,23 @@ def enable_gradient_checkpointing(model) -> list[str]:
                       "model that supports gradient checkpointing")
 
 
+def apply_model_speedups(model, cfg, task) -> dict:
+    """`model.fast_dropout` and `model.cls_only_last_layer` (models/fast.py) on the trainer's model; what
+    applied goes to run.json. The [CLS]-only layer applies to a sequence classifier that reads position 0
+    (not the prompt task's MLM head); elsewhere it is skipped and the record says why."""
+    from ..models.fast import cls_only_reason, enable_cls_only_last_layer, enable_fast_dropout
+
+    record: dict = {}
+    if cfg.model.fast_dropout:
+        record["fast_dropout"] = enable_fast_dropout(model)
+    if cfg.model.cls_only_last_layer and getattr(task, "name", None) == "classify":
+        reason = cls_only_reason(model)
+        record["cls_only_last_layer"] = {"applied": reason is None, "reason": reason}
+        if reason is None:
+            record["cls_only_last_layer"]["layer"] = enable_cls_only_last_layer(model)
+    return record
+
+
 def _is_compile_error(exc: BaseException) -> bool:
     """An error raised by dynamo / AOT autograd / inductor (not by the model's own code running eagerly)."""
     for e in (exc, exc.__cause__, exc.__context__):
