@@ -186,6 +186,33 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(eager, tmp_path_fa
 
 
 @pytest.mark.slow  # tiny in-process runs (seconds each)
+def test_compile_failure_first_met_in_evaluation_falls_back_too(eager, tmp_path_factory, tokenizer_dir,
+                                                                monkeypatch, capsys):
+    """A backend that compiles the training graphs but fails on the evaluation graph (no grad): training ran
+    compiled, the final evaluation falls back with one warning line and gives the eager run's metrics."""
+    from torch._dynamo.backends import registry
+
+    real = registry.lookup_backend("aot_eager")
+    failed = []
+
+    def picky(gm, example_inputs):
+        if not torch.is_grad_enabled():
+            failed.append(1)
+            raise RuntimeError("planted evaluation compile failure")
+        return real(gm, example_inputs)
+
+    monkeypatch.setitem(registry._COMPILER_FNS, "aot_eager", picky)
+    result, losses, _ = _run(tmp_path_factory, tokenizer_dir, "evalfallback", "--compile=true",
+                             "--compile_backend=aot_eager")
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: compile:")]
+    assert failed and len(err) == 1 and "planted evaluation compile failure" in err[0]
+    assert result["compile"]["compiled"] is False and result["compile"]["graphs"] >= 1
+    assert losses == pytest.approx(eager[1], rel=1e-5)  # the 4 training steps ran compiled
+    numbers = {k: v for k, v in eager[0]["eval"].items() if isinstance(v, float)}
+    assert numbers and {k: result["eval"][k] for k in numbers} == pytest.approx(numbers, rel=1e-5)
+
+
+@pytest.mark.slow  # tiny in-process runs (seconds each)
 def test_gradient_checkpointing_recomputes_and_trains_the_same(eager, tmp_path_factory, tokenizer_dir, monkeypatch):
     """`model.gradient_checkpointing: true`: HF's flag is on in every layer, torch's checkpoint runs once per
     layer per forward, and the losses equal the run without it (non-reentrant checkpointing replays the

@@ -145,7 +145,8 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
         """task.evaluate, leaving early on every rank when any rank is signalled (signals.poll); None then."""
         stop.enter(phase)
         try:
-            metrics = task.evaluate(model, state["step"])
+            metrics = (compiled.call(task.evaluate, model, state["step"]) if compiled is not None
+                       else task.evaluate(model, state["step"]))  # a compile error here: eager, evaluate again
         except Interrupted:
             return None
         finally:
@@ -243,8 +244,6 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
               "signalled": signalled, "train_seconds": time.time() - t_start, "step_seconds": step_seconds,
               "malloc_release": malloc_release, **params}
     result["speedups"] = speedups
-    if compiled is not None:
-        result["compile"] = compiled.record()
     if diverged is not None:  # nothing saved or exported from non-finite weights; the last good checkpoint stays
         result["diverged"] = diverged
         last = ckpt.complete()
@@ -270,7 +269,8 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
             export_final(task, model, acc, out / "final")
             stop.enter("final report")
             try:
-                report = task.final_report(model, out)
+                report = (compiled.call(task.final_report, model, out) if compiled is not None
+                          else task.final_report(model, out))
             except Interrupted:
                 report, signalled = None, True
             if report is not None:
@@ -279,6 +279,8 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
         result["signalled"] = signalled
     if own:
         stop.restore()
+    if compiled is not None:  # after the final evaluation and report, which may have fallen back
+        result["compile"] = compiled.record()
     if "param_checksums" not in result:
         result["param_checksums"] = _param_checksums(model, acc)
     result["memory"] = peak_memory_per_rank(acc)  # each rank's peak over the whole run, export included

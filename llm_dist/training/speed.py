@@ -6,7 +6,8 @@ state-dict keys (no `_orig_mod.` prefix), so checkpoints, `final/` exports and r
 DDP / DeepSpeed wrap it as before. Inductor compiles lazily, at the first forward (and again on a new input
 shape), so a failure shows up inside a training step: `CompiledModel.step()` catches it there, prints one
 warning line naming the error, turns compilation off, clears the half-done step's gradients and runs the
-step again eagerly — the run continues.
+step again eagerly — the run continues. Evaluation (eval mode, no grad: graphs of its own, compiled at the
+first evaluation) goes through `CompiledModel.call()`, which falls back the same way and evaluates again.
 """
 from __future__ import annotations
 
@@ -104,14 +105,30 @@ class CompiledModel:
         except Exception as exc:  # noqa: BLE001 - only compile errors are caught, the rest re-raised
             if not _is_compile_error(exc):
                 raise
-            self.fallback = _error_line(exc)
-            if self.main:
-                print(f"warning: compile: the model did not compile with backend {self.backend!r} "
-                      f"({self.fallback}); running eagerly", file=sys.stderr, flush=True)
-            self.module._compiled_call_impl = None  # back to the module's own forward
-            torch._dynamo.reset()
+            self._fall_back(exc)
             optimizer.zero_grad(set_to_none=True)  # the failed attempt may have accumulated some gradients
             return step_fn(*args, **kwargs)
+
+    def call(self, fn, *args, **kwargs):
+        """Run `fn` (evaluation: the compiled forward in eval mode / under no_grad is a new graph, compiled
+        there for the first time); a compile error falls back to eager as in `step()` and `fn` runs again."""
+        if not self.active:
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - only compile errors are caught, the rest re-raised
+            if not _is_compile_error(exc):
+                raise
+            self._fall_back(exc)
+            return fn(*args, **kwargs)
+
+    def _fall_back(self, exc: BaseException) -> None:
+        self.fallback = _error_line(exc)
+        if self.main:
+            print(f"warning: compile: the model did not compile with backend {self.backend!r} "
+                  f"({self.fallback}); running eagerly", file=sys.stderr, flush=True)
+        self.module._compiled_call_impl = None  # back to the module's own forward
+        torch._dynamo.reset()
 
     def record(self) -> dict:
         """What run.json says about compilation."""
