@@ -1,7 +1,7 @@
 """Issue 17, the step: no host sync per micro-batch (counts read on the host before the copies, losses and
 metric sums kept on the device until a log step); `compile: true` and its eager fallback; activation
-checkpointing; classification batches from DataLoader workers with exact resume; a throughput / MFU window
-of training-step time only, with FLOPs from real lengths. The runs share one eager reference run."""
+checkpointing; classification and MLM batches from DataLoader workers with exact resume; a throughput / MFU
+window of training-step time only, with FLOPs from real lengths. The runs share one eager reference run."""
 from __future__ import annotations
 
 import pytest
@@ -124,6 +124,7 @@ def test_adversarial_step_is_sync_free_too(monkeypatch):
 
 # ----------------------------------------------------------------------------- in-process tiny runs
 CLS = "configs/classify/tiny.yaml"
+MLM = "configs/mlm/tiny.yaml"
 
 
 def _run(tmp_path_factory, tokenizer_dir, name, *extra, callbacks=None):
@@ -289,6 +290,53 @@ def test_dataloader_workers_train_the_same_and_resume_exactly(eager, tmp_path_fa
     losses = [r["loss"] for r in read_metrics(out) if "loss" in r and "eval_loss" not in r]
     assert result["final_step"] == 4 and losses == eager[1]
     assert result["param_checksums"] == eager[0]["param_checksums"]
+
+
+@pytest.mark.slow  # tiny in-process runs (seconds each)
+def test_mlm_dataloader_workers_resume_with_the_same_masks(tmp_path_factory, tokenizer_dir):
+    """MLM with `data.num_workers: 2`: the workers pack and mask the batches (dynamic masking draws from each
+    worker's torch RNG); a run stopped (signal) at step 2 and resumed gives the same 4 losses and final
+    weights as the uninterrupted run with workers — the resumed workers continue their RNG draws instead of
+    restarting from their seeds (which masked steps 3-4 like steps 1-2's workers did)."""
+    import signal
+
+    from conftest import read_metrics
+
+    from llm_dist.config import load_config
+    from llm_dist.training.callbacks import Callback
+    from llm_dist.training.loop import run
+    from llm_dist.training.signals import StopSignal
+
+    stop, used = StopSignal(), {}
+
+    class StopAfterFirst(Callback):
+        name = "stop_after_first"
+
+        def on_step_end(self, ctx, out):
+            used["workers"] = ctx.task._iter._num_workers  # the batches came from 2 worker processes
+            if out.step == 1:
+                stop.received = signal.SIGTERM  # read at the next step boundary: saved at step 2
+
+    def args(out):
+        return [f"--output_dir={out}", f"--tokenizer.path={tokenizer_dir}", "--max_steps=4", "--log_every=1",
+                "--tracking.progress=false", "--batch_size=4", "--data.seq_len=32", "--data.shuffle_buffer=8",
+                "--seed=1", "--data.num_workers=2"]
+
+    def losses(out):
+        return [r["loss"] for r in read_metrics(out) if "loss" in r and "eval_loss" not in r]
+
+    full_dir, cut_dir = tmp_path_factory.mktemp("mlm_workers_full"), tmp_path_factory.mktemp("mlm_workers_cut")
+    full = run(load_config(MLM, args(full_dir)))
+    try:
+        first = run(load_config(MLM, args(cut_dir)), stop=stop, callbacks=[StopAfterFirst()])
+    finally:
+        stop.restore()
+    assert first["signalled"] and first["final_step"] == 2 and used["workers"] == 2
+    used.clear()
+    resumed = run(load_config(MLM, args(cut_dir)), callbacks=[StopAfterFirst()])  # starts at step 3: no stop
+    assert used["workers"] == 2 and resumed["final_step"] == 4
+    assert len(losses(full_dir)) == 4 and losses(cut_dir) == losses(full_dir)
+    assert resumed["param_checksums"] == full["param_checksums"]
 
 
 @pytest.mark.slow  # tiny in-process runs (seconds each)

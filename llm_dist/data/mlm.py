@@ -162,9 +162,20 @@ class PackedStream(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict:
         # `stream` is the position just after the last tokenized document, whose tokens are all in
         # `pending`/`buffer` or already yielded: saving it never loses or repeats a document.
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}
+        state = {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}
+        if torch.utils.data.get_worker_info() is not None:
+            # In a DataLoader worker the collator's dynamic masking draws from this process's torch RNG,
+            # which no checkpoint saves and torchdata reseeds (base seed + worker id) when a resumed worker
+            # starts: it travels with the worker's stream state (StatefulDataLoader snapshots it after
+            # each batch it collates), so a resumed worker masks as the uninterrupted one would.
+            state["worker_torch_rng"] = torch.get_rng_state()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        rng = state.pop("worker_torch_rng", None)
+        if rng is not None and torch.utils.data.get_worker_info() is not None:
+            torch.set_rng_state(rng)  # restored in the worker, after torchdata seeded it
         self._state = {"pending_docs": [], **state}
         if "pending_starts" not in state:  # a state saved before word_start: the offsets' gaps (the old rule)
             offs = state.get("pending_offsets", [])
@@ -383,8 +394,9 @@ def _tuple_state(state):
 
 class MLMCollator:
     """Stack packed sequences and apply dynamic masking; draws come from the global torch RNG, which
-    checkpoints save (or, with `seed`, from a generator of that seed: evaluation masks, comparable
-    between evals and leaving the training RNG untouched).
+    checkpoints save (in a DataLoader worker: the worker's, saved with its `PackedStream` state), or, with
+    `seed`, from a generator of that seed (evaluation masks, comparable between evals and leaving the
+    training RNG untouched).
 
     - Token masking: transformers' `DataCollatorForLanguageModeling` (`mlm_probability` of the non-special
       tokens; of those `mask_replace_prob` become [MASK], `random_replace_prob` a random token, the rest
