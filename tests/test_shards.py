@@ -132,6 +132,25 @@ def test_shard_stream_resumes_exactly_through_the_dataloader(shards, tok):
     assert all(sum(x["doc_lens"]) == 64 and len(x["doc_lens"]) == len(x["doc_ids"]) for b in after for x in b)
 
 
+def test_the_epoch_a_checkpoint_records_comes_from_the_workers(shards, tok):
+    """With DataLoader workers the streams move in the workers (the main process's copy stays at epoch 0):
+    `loader_epoch` reads the epoch from the worker snapshots — what a resume on another world size restarts
+    after (MLMTask.resume_state)."""
+    from llm_dist.data.mlm import loader_epoch
+
+    data = DataConfig(sources=shards["src"], seq_len=64, shuffle_buffer=4, shards=str(shards["dir"]))
+    ps = PackedStream(data.sources, tok, data, 3, 0, 1, shards=ShardCorpus(shards["dir"], data.sources))
+    dl = StatefulDataLoader(ps, batch_size=4, collate_fn=lambda b: b, num_workers=2)
+    per_epoch = sum(len(t) for _, d, t in ps.shards.documents(3, 0, 0, 1, 0.05, False) if d is not None) // 64 // 4
+    it = iter(dl)
+    assert loader_epoch(dl.state_dict()) == 0
+    for _ in range(per_epoch + 6):  # both workers past their share of the first epoch
+        next(it)
+    state = dl.state_dict()
+    assert ps.state_dict()["epoch"] == 0 and loader_epoch(state) == 1
+    assert loader_epoch({"x": [1, {"y": 2}]}) is None
+
+
 def test_another_tokenizer_is_refused_in_one_line(shards, corpus, tmp_path, capsys):
     other = train_wordpiece((line for f in sorted(corpus.glob("*.txt")) for line in f.read_text().splitlines()), 500)
     with pytest.raises(ConfigError, match=r"config key 'data.shards': .* was made with another tokenizer"):

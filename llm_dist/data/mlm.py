@@ -129,6 +129,21 @@ def excluded_ids(src: SourceConfig) -> frozenset:
     return _EXCLUDED[key]
 
 
+def loader_epoch(state) -> int | None:
+    """The furthest epoch of the `PackedStream` states inside a StatefulDataLoader state dict: with workers
+    each worker's stream moves on its own (the main process's copy stays at its start), so the epoch is read
+    from the worker snapshots. None when the state holds no stream state."""
+    if isinstance(state, dict):
+        if "epoch" in state and "pending" in state:
+            return int(state["epoch"])
+        found = [e for e in (loader_epoch(v) for v in state.values()) if e is not None]
+        return max(found) if found else None
+    if isinstance(state, (list, tuple)):
+        found = [e for e in (loader_epoch(v) for v in state) if e is not None]
+        return max(found) if found else None
+    return None
+
+
 class PackedStream(torch.utils.data.IterableDataset):
     """Fixed-length packed sequences (`input_ids`, `special_tokens_mask`[, `offset_mapping`]).
     Documents are tokenized with [CLS] … [SEP] and concatenated, as `run_mlm.py`'s group_texts does,

@@ -9,7 +9,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ..config import RunConfig
-from ..data.mlm import MLMCollator, PackedStream, check_sources, document_attention_mask
+from ..data.mlm import loader_epoch, MLMCollator, PackedStream, check_sources, document_attention_mask
 from ..data.shards import ShardCorpus, check_shards, check_tokenizer
 from ..data.sources import iter_texts
 from ..models.build import build_mlm_model, flops_per_token, get_tokenizer, load_tokenizer, tokenizer_source
@@ -66,7 +66,9 @@ class MLMTask(Task):
         self._iter = iter(self.loader)
 
     def resume_state(self) -> dict:
-        return {"mlm_epoch": self.train_data.state_dict()["epoch"]}
+        """The epoch the stream reached (from the loader's worker snapshots when `data.num_workers` > 0)."""
+        epoch = loader_epoch(self.loader.state_dict())
+        return {"mlm_epoch": epoch if epoch is not None else self.train_data.state_dict()["epoch"]}
 
     def load_resume_state(self, saved: dict) -> None:
         """Resuming on another world size: the per-rank stream positions do not carry over, so start the
