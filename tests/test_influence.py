@@ -43,9 +43,8 @@ def _write(path, rows):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """train (256 + 12 planted copies) / validation (32) / test (40) CSVs and a WordPiece trained on them."""
-    from llm_dist.models.build import train_wordpiece
-
+    """train (256 + 12 planted copies) / validation (32) / test (40) CSVs and a fixed WordPiece vocabulary
+    (`_tokenizer`)."""
     d = tmp_path_factory.mktemp("infl")
     rng, names = random.Random(3), sorted(CLASSES)
     make = lambda prefix, n: [(f"{prefix}{i:04d}", " ".join(_text(rng, names[i % 4])), names[i % 4])  # noqa: E731
@@ -61,8 +60,23 @@ def data(tmp_path_factory):
     rng.shuffle(train)
     for name, rows in (("train", train), ("validation", val), ("test", test)):
         _write(d / f"{name}.csv", rows)
-    train_wordpiece(iter([r[1] for r in train]), 300).save_pretrained(str(d / "tokenizer"))
+    _tokenizer().save_pretrained(str(d / "tokenizer"))
     return d
+
+
+def _tokenizer():
+    """A BERT WordPiece tokenizer over a fixed vocabulary: every word of the task whole, then single letters
+    and `##` letters. Not `train_wordpiece`: its trainer breaks frequency ties in hash order, so the learned
+    vocabulary (not only the ids) differs between processes — every session got a differently tokenized task,
+    a differently trained model and different near-tied influence scores."""
+    import string
+
+    from transformers import BertTokenizer
+
+    words = sorted(set(FILLER) | {w for ws in CLASSES.values() for w in ws})
+    letters = [c for c in string.ascii_lowercase if c not in words]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + letters + ["##" + c for c in string.ascii_lowercase]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
 
 
 def _args(d: Path, out: Path, *extra):
@@ -74,10 +88,14 @@ def _args(d: Path, out: Path, *extra):
 
 @pytest.fixture(scope="module")
 def ddp_run(data):
-    """Tiny BERT on 2 ranks (DDP), 20% planted label noise, 4 checkpoints (every 17 of 68 steps), the
-    training-dynamics ledger on (its `example_scores` table gets the self-influence column)."""
+    """Tiny BERT on 2 ranks (DDP), 20% planted label noise, 4 checkpoints (every 34 of 136 steps), the
+    training-dynamics ledger on (its `example_scores` table gets the self-influence column). Batches of 4
+    per rank: with 8 (68 steps) the model's predictions were still nearly input-independent at the first
+    three checkpoints (test accuracy 0.47–0.62), every same-label gradient was parallel (cosines 0.9999) and
+    the planted copies won their rows by 1e-6–1e-4 of the score — below fp16 cache rounding and the rounding
+    differences between machines; with 4 it learns the task (test accuracy 0.97) and they win by 1e-4–3e-2."""
     out = data / "ddp"
-    launch(TINY, *_args(data, out, "--batch_size=8", "--classify.epochs=4", "--save_every=17", "--keep_checkpoints=4",
+    launch(TINY, *_args(data, out, "--batch_size=4", "--classify.epochs=4", "--save_every=34", "--keep_checkpoints=4",
                         "--data.label_noise.rate=0.2", "--dynamics.enabled=true"), nproc=2)
     assert len(list((out / "checkpoints").glob("step_*"))) == 4
     return out
@@ -175,10 +193,31 @@ def test_planted_copies_are_top_proponents_and_noise_has_high_self_influence(ddp
     planted = [(f"copy-te{i:04d}", f"te{i:04d}") for i in range(EXACT)] + \
               [(f"edit-te{i:04d}", f"te{i:04d}") for i in range(EXACT, EXACT + EDITED)]
     checked = [(c, t) for c, t in planted if c not in flipped]  # a flipped copy is an opponent, rightly
-    assert len(checked) >= 6
-    hits = [rows[t]["proponents"][0]["id"] == c for c, t in checked]
-    print(f"top-1 proponent is the planted copy for {sum(hits)}/{len(hits)}")
-    assert all(hits), [(t, rows[t]["proponents"][0]["id"]) for c, t in checked]
+    assert len(checked) >= 8 and any(c.startswith("edit-") for c, _ in checked)
+    rank = {c: next((j + 1 for j, p in enumerate(rows[t]["proponents"]) if p["id"] == c), None) for c, t in checked}
+    print(f"top-1 proponent is the planted copy for {sum(r == 1 for r in rank.values())}/{len(rank)}; ranks {rank}")
+    # measured: all top-1, by 1e-4 to 3e-2 of the score (1e-4: an edited copy against a same-label near-twin);
+    # one near-tie may go either way on another machine's rounding. Random or ignored training gradients
+    # would put a copy in the top 3 of 268 with p ≈ 0.01 each.
+    assert all(r is not None and r <= 3 for r in rank.values()), rank
+    assert sum(r == 1 for r in rank.values()) >= len(rank) - 1, rank
+    # margins, from the cached gradients: an exact copy's gradient is its test example's own (cosine 1 at every
+    # checkpoint: score Σ η_c, within the fp16 cache's rounding); every copy clears the median same-label
+    # training example by > 1e-3 of Σ η_c (measured ≥ 4e-3; 0 if the gradients ignored the inputs)
+    from llm_dist.analysis.influence.tracin import FILES, Grads, score_block
+
+    def grads(split):
+        return [Grads(*(np.load(next((ddp_run / "influence" / "cache" / c["name"]).glob(f"{split}-*")) / f"{f}.npy")
+                        for f in FILES)) for c in s["checkpoints"]]
+    weights = [c["weight"] for c in s["checkpoints"]]
+    scores = score_block(grads("test"), grads("train"), weights, True, slice(0, 40), slice(0, 268)) / sum(weights)
+    train = pd.read_csv(ddp_run / "influence" / "self_influence.csv")  # the training rows, in cache order
+    test_row = {tid: i for i, tid in enumerate(rows)}
+    for c, t in checked:
+        row, j = scores[test_row[t]], int(np.flatnonzero(train["id"] == c)[0])
+        same = row[(train["label"] == rows[t]["label"]).to_numpy() & (train["id"] != c).to_numpy()]
+        assert row[j] > (0.999 if c.startswith("copy-") else 0.99), (c, row[j])
+        assert row[j] - np.median(same) > 1e-3, (c, row[j], np.median(same))
     r = rows[checked[0][1]]
     assert set(r) >= {"id", "label", "predicted", "correct", "text", "proponents", "opponents"}
     assert len(r["proponents"]) == 5 and set(r["proponents"][0]) == {"id", "label", "score", "text"}
@@ -233,8 +272,10 @@ def test_query_and_test_file(ddp_run, ddp_influence, data, tmp_path, capsys):
     assert q["label_source"] == "predicted" and len(q["proponents"]) == 3 and q["text"] == t["text"]
     assert "proponents:" in p.out and q["proponents"][0]["id"] in p.out
     flipped = {r["id"] for r in json.loads((ddp_run / "noise.json").read_text())["flipped"]}
-    if f"edit-{t['id']}" not in flipped and q["label"] == t["label"]:
-        assert q["proponents"][0]["id"] == f"edit-{t['id']}"
+    assert f"edit-{t['id']}" not in flipped and q["label"] == t["label"]  # seeded noise; a model that learned
+    # the edited copy first, by 1e-4 of the score in the measured run (a same-label near-twin second): top 2
+    assert f"edit-{t['id']}" in [p["id"] for p in q["proponents"][:2]], q["proponents"]
+    assert q["proponents"][0]["score"] >= q["proponents"][1]["score"] >= q["proponents"][2]["score"] > 0
     f = tmp_path / "mine.jsonl"
     f.write_text("".join(json.dumps({"id": f"q{i}", "text": " ".join(["goal", "match", "the", "league"][: i + 2]),
                                      "label": "sport"}) + "\n" for i in range(3)))
@@ -307,7 +348,7 @@ def test_refuses_a_run_without_checkpoints(ddp_run, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and why in err[0], err
     assert main([str(bare)]) == 2
     err = capsys.readouterr().err
-    assert "--save_every=N" in err and "--keep_checkpoints=K" in err and "save_every=17" in err, err
+    assert "--save_every=N" in err and "--keep_checkpoints=K" in err and "save_every=34" in err, err
     assert not (bare / "influence").exists()
 
 
