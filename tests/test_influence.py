@@ -176,7 +176,7 @@ def test_projected_scores_agree_with_unprojected_tracin(ddp_run):
     print(f"D = {dim}; Spearman(projected, exact) by (cosine, d): { {k: round(v, 3) for k, v in rho.items()} }")
     for cosine in (True, False):
         assert rho[cosine, 32] < rho[cosine, 128] < rho[cosine, 512], rho
-    # measured (D = 17,028): cosine 0.943 / 0.977 / 0.990, raw 0.921 / 0.969 / 0.984 at d = 32 / 128 / 512
+    # measured (D = 17,028): cosine 0.864 / 0.956 / 0.983, raw 0.911 / 0.969 / 0.974 at d = 32 / 128 / 512
     assert rho[True, 32] > 0.85 and rho[True, 128] > 0.94 and rho[True, 512] > 0.975, rho
     assert rho[False, 128] > 0.93 and rho[False, 512] > 0.97, rho
     rg = spearmanr(scores(Projector(dim, 0), True), scores(Projector(dim, 512, seed=1, kind="gaussian"), True)).statistic
@@ -218,6 +218,9 @@ def test_planted_copies_are_top_proponents_and_noise_has_high_self_influence(ddp
         same = row[(train["label"] == rows[t]["label"]).to_numpy() & (train["id"] != c).to_numpy()]
         assert row[j] > (0.999 if c.startswith("copy-") else 0.99), (c, row[j])
         assert row[j] - np.median(same) > 1e-3, (c, row[j], np.median(same))
+    lead = {c: float(scores[test_row[t], train["id"] == c][0] - scores[test_row[t], train["id"] != c].max())
+            for c, t in checked}
+    print("lead of each copy over its row's best other example, / Σ η_c:", {c: f"{v:+.1e}" for c, v in lead.items()})
     r = rows[checked[0][1]]
     assert set(r) >= {"id", "label", "predicted", "correct", "text", "proponents", "opponents"}
     assert len(r["proponents"]) == 5 and set(r["proponents"][0]) == {"id", "label", "score", "text"}
@@ -226,7 +229,7 @@ def test_planted_copies_are_top_proponents_and_noise_has_high_self_influence(ddp
     # self-influence against the planted noise, in the detector table
     det = s["detectors"]["self_influence"]
     print("self-influence AUROC:", round(det["auroc"], 3))
-    assert s["noise"]["flipped"] > 30 and det["auroc"] > 0.65  # chance 0.5 (± 0.045 sd); measured 0.78
+    assert s["noise"]["flipped"] > 30 and det["auroc"] > 0.9  # chance 0.5 (± 0.045 sd); measured 0.999
     # next to the dynamics detectors, in their table
     assert {"self_influence", "aum", "loss", "confidence"} <= set(s["detectors"]), s["detectors"]
     table = pd.read_parquet(ddp_run / "analysis" / "example_scores.parquet")
@@ -273,7 +276,8 @@ def test_query_and_test_file(ddp_run, ddp_influence, data, tmp_path, capsys):
     assert "proponents:" in p.out and q["proponents"][0]["id"] in p.out
     flipped = {r["id"] for r in json.loads((ddp_run / "noise.json").read_text())["flipped"]}
     assert f"edit-{t['id']}" not in flipped and q["label"] == t["label"]  # seeded noise; a model that learned
-    # the edited copy first, by 1e-4 of the score in the measured run (a same-label near-twin second): top 2
+    # the edited copy first (measured for te0006 in the test split: by 1e-4 of the score over a same-label
+    # near-twin, by 3e-4 over the third): top 2
     assert f"edit-{t['id']}" in [p["id"] for p in q["proponents"][:2]], q["proponents"]
     assert q["proponents"][0]["score"] >= q["proponents"][1]["score"] >= q["proponents"][2]["score"] > 0
     f = tmp_path / "mine.jsonl"
