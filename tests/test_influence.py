@@ -79,6 +79,20 @@ def _tokenizer():
     return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
 
 
+def _cache_scores(run_dir: Path, summary: dict):
+    """(every test × train score / Σ η_c [M, N], the training rows as in self_influence.csv), recomputed from
+    the run's gradient cache: test_topk.jsonl rounds scores to 1e-6, coarser than these margins."""
+    from llm_dist.analysis.influence.tracin import FILES, Grads, score_block
+
+    def grads(split):
+        return [Grads(*(np.load(next((run_dir / "influence" / "cache" / c["name"]).glob(f"{split}-*")) / f"{f}.npy")
+                        for f in FILES)) for c in summary["checkpoints"]]
+    weights = [c["weight"] for c in summary["checkpoints"]]
+    m, n = summary["test_examples"], summary["train_examples"]
+    scores = score_block(grads(summary["split"]), grads("train"), weights, True, slice(0, m), slice(0, n))
+    return scores / sum(weights), pd.read_csv(run_dir / "influence" / "self_influence.csv")
+
+
 def _args(d: Path, out: Path, *extra):
     return [f"--output_dir={out}", f"--data.train={d / 'train.csv'}", f"--data.validation={d / 'validation.csv'}",
             f"--data.test={d / 'test.csv'}", "--data.id_column=id", "--data.sources=[]",
@@ -204,14 +218,7 @@ def test_planted_copies_are_top_proponents_and_noise_has_high_self_influence(ddp
     # margins, from the cached gradients: an exact copy's gradient is its test example's own (cosine 1 at every
     # checkpoint: score Σ η_c, within the fp16 cache's rounding); every copy clears the median same-label
     # training example by > 1e-3 of Σ η_c (measured ≥ 4e-3; 0 if the gradients ignored the inputs)
-    from llm_dist.analysis.influence.tracin import FILES, Grads, score_block
-
-    def grads(split):
-        return [Grads(*(np.load(next((ddp_run / "influence" / "cache" / c["name"]).glob(f"{split}-*")) / f"{f}.npy")
-                        for f in FILES)) for c in s["checkpoints"]]
-    weights = [c["weight"] for c in s["checkpoints"]]
-    scores = score_block(grads("test"), grads("train"), weights, True, slice(0, 40), slice(0, 268)) / sum(weights)
-    train = pd.read_csv(ddp_run / "influence" / "self_influence.csv")  # the training rows, in cache order
+    scores, train = _cache_scores(ddp_run, s)
     test_row = {tid: i for i, tid in enumerate(rows)}
     for c, t in checked:
         row, j = scores[test_row[t]], int(np.flatnonzero(train["id"] == c)[0])
@@ -360,8 +367,8 @@ def test_refuses_a_run_without_checkpoints(ddp_run, tmp_path, capsys):
 @pytest.mark.deepspeed
 def test_zero2_run_consolidates_each_checkpoint(data):
     """A ZeRO-2 run on 2 ranks: influence reads each checkpoint's weights consolidated from the DeepSpeed
-    shards (the last one equal to the run's exported final/ weights), and the planted exact copies are still
-    their test examples' top proponents."""
+    shards (the last one equal to the run's exported final/ weights), and each planted exact copy scores as
+    its test example's own gradient would (cosine 1 at every checkpoint: the row's best, up to rounding)."""
     from safetensors.torch import load_file
 
     from llm_dist.analysis.influence import influence
@@ -381,6 +388,19 @@ def test_zero2_run_consolidates_each_checkpoint(data):
     s = influence(out, k=3, proj_dim=256, wandb=False)
     assert len(s["checkpoints"]) == 2 and json.loads((out / "run.json").read_text())["world_size"] == 2
     rows = {r["id"]: r for r in map(json.loads, (out / "influence" / "test_topk.jsonl").read_text().splitlines())}
-    hits = [rows[f"te{i:04d}"]["proponents"][0]["id"] == f"copy-te{i:04d}" for i in range(EXACT)]
-    print(f"ZeRO-2: exact copy top-1 for {sum(hits)}/{EXACT}")
-    assert sum(hits) >= EXACT - 1
+    rank = {i: next((j + 1 for j, p in enumerate(rows[f"te{i:04d}"]["proponents"]) if p["id"] == f"copy-te{i:04d}"),
+                    None) for i in range(EXACT)}
+    print(f"ZeRO-2: exact copy top-1 for {sum(r == 1 for r in rank.values())}/{EXACT}; ranks {rank}")
+    # this short run (51 steps) is near-saturated at its checkpoints: many same-label examples score within
+    # 1e-4 of an exact copy, so its rank among them is rounding (measured 4 / 6 top-1, the others outside the
+    # top 3). What must hold: an exact copy's cosine is 1 at every checkpoint, the most any example can score,
+    # so its score is Σ η_c and the row's best up to the fp16 cache's rounding (a random or misloaded
+    # gradient scores ≈ 0 of Σ η_c)
+    scores, train = _cache_scores(out, s)
+    best = []
+    for i in range(EXACT):
+        row = scores[i]  # te0000… are the test split's first rows
+        copy = row[int(np.flatnonzero(train["id"] == f"copy-te{i:04d}")[0])]
+        best.append(f"{copy:.5f} (best {row.max():.5f}, median {np.median(row):.3f})")
+        assert copy > 0.999 and copy >= row.max() - 2e-4, (i, copy, row.max())
+    print("ZeRO-2: exact copy score / Σ η_c:", best)
