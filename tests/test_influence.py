@@ -269,7 +269,15 @@ def test_two_rank_influence_matches_one_rank(ddp_run, ddp_influence, tmp_path):
         assert np.abs(np.load(x).astype(np.float32) - np.load(y).astype(np.float32)).max() < 2e-3
     r1 = [json.loads(l) for l in (ddp_run / "influence" / "test_topk.jsonl").read_text().splitlines()]
     r2 = [json.loads(l) for l in (two / "influence" / "test_topk.jsonl").read_text().splitlines()]
-    assert [r["proponents"][0]["id"] for r in r1] == [r["proponents"][0]["id"] for r in r2]
+    # the same scores up to the fp16 rounding of a few rows (measured 1.4e-6 of Σ η_c; a row's best two are
+    # as close as 1.8e-6 there), so the same top-1 proponents except where a row's best two tie within it
+    a, train = _cache_scores(ddp_run, ddp_influence)
+    b, _ = _cache_scores(two, s2)
+    assert np.abs(a - b).max() < 2e-5, np.abs(a - b).max()
+    col = {tid: j for j, tid in enumerate(train["id"])}
+    top1 = [(r["proponents"][0]["id"], q["proponents"][0]["id"]) for r, q in zip(r1, r2)]
+    assert sum(x == y for x, y in top1) >= len(top1) - 2, top1
+    assert all(a[i, col[y]] >= a[i].max() - 2e-5 for i, (x, y) in enumerate(top1) if x != y), top1
 
 
 def test_query_and_test_file(ddp_run, ddp_influence, data, tmp_path, capsys):
