@@ -75,7 +75,8 @@ def _tokenizer():
 
     words = sorted(set(FILLER) | {w for ws in CLASSES.values() for w in ws})
     letters = [c for c in string.ascii_lowercase if c not in words]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words + letters + ["##" + c for c in string.ascii_lowercase]
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = special + words + letters + ["##" + c for c in string.ascii_lowercase]
     return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
 
 
