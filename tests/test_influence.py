@@ -43,9 +43,8 @@ def _write(path, rows):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """train (256 + 12 planted copies) / validation (32) / test (40) CSVs and a WordPiece trained on them."""
-    from llm_dist.models.build import train_wordpiece
-
+    """train (256 + 12 planted copies) / validation (32) / test (40) CSVs and a fixed WordPiece vocabulary
+    (`_tokenizer`)."""
     d = tmp_path_factory.mktemp("infl")
     rng, names = random.Random(3), sorted(CLASSES)
     make = lambda prefix, n: [(f"{prefix}{i:04d}", " ".join(_text(rng, names[i % 4])), names[i % 4])  # noqa: E731
@@ -61,8 +60,38 @@ def data(tmp_path_factory):
     rng.shuffle(train)
     for name, rows in (("train", train), ("validation", val), ("test", test)):
         _write(d / f"{name}.csv", rows)
-    train_wordpiece(iter([r[1] for r in train]), 300).save_pretrained(str(d / "tokenizer"))
+    _tokenizer().save_pretrained(str(d / "tokenizer"))
     return d
+
+
+def _tokenizer():
+    """A BERT WordPiece tokenizer over a fixed vocabulary: every word of the task whole, then single letters
+    and `##` letters. Not `train_wordpiece`: its trainer breaks frequency ties in hash order, so the learned
+    vocabulary (not only the ids) differs between processes — every session got a differently tokenized task,
+    a differently trained model and different near-tied influence scores."""
+    import string
+
+    from transformers import BertTokenizer
+
+    words = sorted(set(FILLER) | {w for ws in CLASSES.values() for w in ws})
+    letters = [c for c in string.ascii_lowercase if c not in words]
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = special + words + letters + ["##" + c for c in string.ascii_lowercase]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
+
+
+def _cache_scores(run_dir: Path, summary: dict):
+    """(every test × train score / Σ η_c [M, N], the training rows as in self_influence.csv), recomputed from
+    the run's gradient cache: test_topk.jsonl rounds scores to 1e-6, coarser than these margins."""
+    from llm_dist.analysis.influence.tracin import FILES, Grads, score_block
+
+    def grads(split):
+        return [Grads(*(np.load(next((run_dir / "influence" / "cache" / c["name"]).glob(f"{split}-*")) / f"{f}.npy")
+                        for f in FILES)) for c in summary["checkpoints"]]
+    weights = [c["weight"] for c in summary["checkpoints"]]
+    m, n = summary["test_examples"], summary["train_examples"]
+    scores = score_block(grads(summary["split"]), grads("train"), weights, True, slice(0, m), slice(0, n))
+    return scores / sum(weights), pd.read_csv(run_dir / "influence" / "self_influence.csv")
 
 
 def _args(d: Path, out: Path, *extra):
@@ -74,10 +103,14 @@ def _args(d: Path, out: Path, *extra):
 
 @pytest.fixture(scope="module")
 def ddp_run(data):
-    """Tiny BERT on 2 ranks (DDP), 20% planted label noise, 4 checkpoints (every 17 of 68 steps), the
-    training-dynamics ledger on (its `example_scores` table gets the self-influence column)."""
+    """Tiny BERT on 2 ranks (DDP), 20% planted label noise, 4 checkpoints (every 34 of 136 steps), the
+    training-dynamics ledger on (its `example_scores` table gets the self-influence column). Batches of 4
+    per rank: with 8 (68 steps) the model's predictions were still nearly input-independent at the first
+    three checkpoints (test accuracy 0.47–0.62), every same-label gradient was parallel (cosines 0.9999) and
+    the planted copies won their rows by 1e-6–1e-4 of the score — below fp16 cache rounding and the rounding
+    differences between machines; with 4 it learns the task (test accuracy 0.97) and they win by 1e-4–3e-2."""
     out = data / "ddp"
-    launch(TINY, *_args(data, out, "--batch_size=8", "--classify.epochs=4", "--save_every=17", "--keep_checkpoints=4",
+    launch(TINY, *_args(data, out, "--batch_size=4", "--classify.epochs=4", "--save_every=34", "--keep_checkpoints=4",
                         "--data.label_noise.rate=0.2", "--dynamics.enabled=true"), nproc=2)
     assert len(list((out / "checkpoints").glob("step_*"))) == 4
     return out
@@ -158,7 +191,7 @@ def test_projected_scores_agree_with_unprojected_tracin(ddp_run):
     print(f"D = {dim}; Spearman(projected, exact) by (cosine, d): { {k: round(v, 3) for k, v in rho.items()} }")
     for cosine in (True, False):
         assert rho[cosine, 32] < rho[cosine, 128] < rho[cosine, 512], rho
-    # measured (D = 17,028): cosine 0.943 / 0.977 / 0.990, raw 0.921 / 0.969 / 0.984 at d = 32 / 128 / 512
+    # measured (D = 17,028): cosine 0.864 / 0.956 / 0.983, raw 0.911 / 0.969 / 0.974 at d = 32 / 128 / 512
     assert rho[True, 32] > 0.85 and rho[True, 128] > 0.94 and rho[True, 512] > 0.975, rho
     assert rho[False, 128] > 0.93 and rho[False, 512] > 0.97, rho
     rg = spearmanr(scores(Projector(dim, 0), True), scores(Projector(dim, 512, seed=1, kind="gaussian"), True)).statistic
@@ -175,10 +208,27 @@ def test_planted_copies_are_top_proponents_and_noise_has_high_self_influence(ddp
     planted = [(f"copy-te{i:04d}", f"te{i:04d}") for i in range(EXACT)] + \
               [(f"edit-te{i:04d}", f"te{i:04d}") for i in range(EXACT, EXACT + EDITED)]
     checked = [(c, t) for c, t in planted if c not in flipped]  # a flipped copy is an opponent, rightly
-    assert len(checked) >= 6
-    hits = [rows[t]["proponents"][0]["id"] == c for c, t in checked]
-    print(f"top-1 proponent is the planted copy for {sum(hits)}/{len(hits)}")
-    assert all(hits), [(t, rows[t]["proponents"][0]["id"]) for c, t in checked]
+    assert len(checked) >= 8 and any(c.startswith("edit-") for c, _ in checked)
+    rank = {c: next((j + 1 for j, p in enumerate(rows[t]["proponents"]) if p["id"] == c), None) for c, t in checked}
+    print(f"top-1 proponent is the planted copy for {sum(r == 1 for r in rank.values())}/{len(rank)}; ranks {rank}")
+    # measured: all top-1, by 1e-4 to 3e-2 of the score (1e-4: an edited copy against a same-label near-twin);
+    # one near-tie may go either way on another machine's rounding. Random or ignored training gradients
+    # would put a copy in the top 3 of 268 with p ≈ 0.01 each.
+    assert all(r is not None and r <= 3 for r in rank.values()), rank
+    assert sum(r == 1 for r in rank.values()) >= len(rank) - 1, rank
+    # margins, from the cached gradients: an exact copy's gradient is its test example's own (cosine 1 at every
+    # checkpoint: score Σ η_c, within the fp16 cache's rounding); every copy clears the median same-label
+    # training example by > 1e-3 of Σ η_c (measured ≥ 4e-3; 0 if the gradients ignored the inputs)
+    scores, train = _cache_scores(ddp_run, s)
+    test_row = {tid: i for i, tid in enumerate(rows)}
+    for c, t in checked:
+        row, j = scores[test_row[t]], int(np.flatnonzero(train["id"] == c)[0])
+        same = row[(train["label"] == rows[t]["label"]).to_numpy() & (train["id"] != c).to_numpy()]
+        assert row[j] > (0.999 if c.startswith("copy-") else 0.99), (c, row[j])
+        assert row[j] - np.median(same) > 1e-3, (c, row[j], np.median(same))
+    lead = {c: float(scores[test_row[t], train["id"] == c][0] - scores[test_row[t], train["id"] != c].max())
+            for c, t in checked}
+    print("lead of each copy over its row's best other example, / Σ η_c:", {c: f"{v:+.1e}" for c, v in lead.items()})
     r = rows[checked[0][1]]
     assert set(r) >= {"id", "label", "predicted", "correct", "text", "proponents", "opponents"}
     assert len(r["proponents"]) == 5 and set(r["proponents"][0]) == {"id", "label", "score", "text"}
@@ -187,7 +237,7 @@ def test_planted_copies_are_top_proponents_and_noise_has_high_self_influence(ddp
     # self-influence against the planted noise, in the detector table
     det = s["detectors"]["self_influence"]
     print("self-influence AUROC:", round(det["auroc"], 3))
-    assert s["noise"]["flipped"] > 30 and det["auroc"] > 0.65  # chance 0.5 (± 0.045 sd); measured 0.78
+    assert s["noise"]["flipped"] > 30 and det["auroc"] > 0.9  # chance 0.5 (± 0.045 sd); measured 0.999
     # next to the dynamics detectors, in their table
     assert {"self_influence", "aum", "loss", "confidence"} <= set(s["detectors"]), s["detectors"]
     table = pd.read_parquet(ddp_run / "analysis" / "example_scores.parquet")
@@ -220,7 +270,15 @@ def test_two_rank_influence_matches_one_rank(ddp_run, ddp_influence, tmp_path):
         assert np.abs(np.load(x).astype(np.float32) - np.load(y).astype(np.float32)).max() < 2e-3
     r1 = [json.loads(l) for l in (ddp_run / "influence" / "test_topk.jsonl").read_text().splitlines()]
     r2 = [json.loads(l) for l in (two / "influence" / "test_topk.jsonl").read_text().splitlines()]
-    assert [r["proponents"][0]["id"] for r in r1] == [r["proponents"][0]["id"] for r in r2]
+    # the same scores up to the fp16 rounding of a few rows (measured 1.4e-6 of Σ η_c; a row's best two are
+    # as close as 1.8e-6 there), so the same top-1 proponents except where a row's best two tie within it
+    a, train = _cache_scores(ddp_run, ddp_influence)
+    b, _ = _cache_scores(two, s2)
+    assert np.abs(a - b).max() < 2e-5, np.abs(a - b).max()
+    col = {tid: j for j, tid in enumerate(train["id"])}
+    top1 = [(r["proponents"][0]["id"], q["proponents"][0]["id"]) for r, q in zip(r1, r2)]
+    assert sum(x == y for x, y in top1) >= len(top1) - 2, top1
+    assert all(a[i, col[y]] >= a[i].max() - 2e-5 for i, (x, y) in enumerate(top1) if x != y), top1
 
 
 def test_query_and_test_file(ddp_run, ddp_influence, data, tmp_path, capsys):
@@ -233,8 +291,11 @@ def test_query_and_test_file(ddp_run, ddp_influence, data, tmp_path, capsys):
     assert q["label_source"] == "predicted" and len(q["proponents"]) == 3 and q["text"] == t["text"]
     assert "proponents:" in p.out and q["proponents"][0]["id"] in p.out
     flipped = {r["id"] for r in json.loads((ddp_run / "noise.json").read_text())["flipped"]}
-    if f"edit-{t['id']}" not in flipped and q["label"] == t["label"]:
-        assert q["proponents"][0]["id"] == f"edit-{t['id']}"
+    assert f"edit-{t['id']}" not in flipped and q["label"] == t["label"]  # seeded noise; a model that learned
+    # the edited copy first (measured for te0006 in the test split: by 1e-4 of the score over a same-label
+    # near-twin, by 3e-4 over the third): top 2
+    assert f"edit-{t['id']}" in [p["id"] for p in q["proponents"][:2]], q["proponents"]
+    assert q["proponents"][0]["score"] >= q["proponents"][1]["score"] >= q["proponents"][2]["score"] > 0
     f = tmp_path / "mine.jsonl"
     f.write_text("".join(json.dumps({"id": f"q{i}", "text": " ".join(["goal", "match", "the", "league"][: i + 2]),
                                      "label": "sport"}) + "\n" for i in range(3)))
@@ -307,7 +368,7 @@ def test_refuses_a_run_without_checkpoints(ddp_run, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and why in err[0], err
     assert main([str(bare)]) == 2
     err = capsys.readouterr().err
-    assert "--save_every=N" in err and "--keep_checkpoints=K" in err and "save_every=17" in err, err
+    assert "--save_every=N" in err and "--keep_checkpoints=K" in err and "save_every=34" in err, err
     assert not (bare / "influence").exists()
 
 
@@ -315,8 +376,8 @@ def test_refuses_a_run_without_checkpoints(ddp_run, tmp_path, capsys):
 @pytest.mark.deepspeed
 def test_zero2_run_consolidates_each_checkpoint(data):
     """A ZeRO-2 run on 2 ranks: influence reads each checkpoint's weights consolidated from the DeepSpeed
-    shards (the last one equal to the run's exported final/ weights), and the planted exact copies are still
-    their test examples' top proponents."""
+    shards (the last one equal to the run's exported final/ weights), and each planted exact copy scores as
+    its test example's own gradient would (cosine 1 at every checkpoint: the row's best, up to rounding)."""
     from safetensors.torch import load_file
 
     from llm_dist.analysis.influence import influence
@@ -336,6 +397,19 @@ def test_zero2_run_consolidates_each_checkpoint(data):
     s = influence(out, k=3, proj_dim=256, wandb=False)
     assert len(s["checkpoints"]) == 2 and json.loads((out / "run.json").read_text())["world_size"] == 2
     rows = {r["id"]: r for r in map(json.loads, (out / "influence" / "test_topk.jsonl").read_text().splitlines())}
-    hits = [rows[f"te{i:04d}"]["proponents"][0]["id"] == f"copy-te{i:04d}" for i in range(EXACT)]
-    print(f"ZeRO-2: exact copy top-1 for {sum(hits)}/{EXACT}")
-    assert sum(hits) >= EXACT - 1
+    rank = {i: next((j + 1 for j, p in enumerate(rows[f"te{i:04d}"]["proponents"]) if p["id"] == f"copy-te{i:04d}"),
+                    None) for i in range(EXACT)}
+    print(f"ZeRO-2: exact copy top-1 for {sum(r == 1 for r in rank.values())}/{EXACT}; ranks {rank}")
+    # this short run (51 steps) is near-saturated at its checkpoints: many same-label examples score within
+    # 1e-4 of an exact copy, so its rank among them is rounding (measured 4 / 6 top-1, the others outside the
+    # top 3). What must hold: an exact copy's cosine is 1 at every checkpoint, the most any example can score,
+    # so its score is Σ η_c and the row's best up to the fp16 cache's rounding (a random or misloaded
+    # gradient scores ≈ 0 of Σ η_c)
+    scores, train = _cache_scores(out, s)
+    best = []
+    for i in range(EXACT):
+        row = scores[i]  # te0000… are the test split's first rows
+        copy = row[int(np.flatnonzero(train["id"] == f"copy-te{i:04d}")[0])]
+        best.append(f"{copy:.5f} (best {row.max():.5f}, median {np.median(row):.3f})")
+        assert copy > 0.999 and copy >= row.max() - 2e-4, (i, copy, row.max())
+    print("ZeRO-2: exact copy score / Σ η_c:", best)
