@@ -94,6 +94,11 @@ def fast_sdpa_attention(module, query, key, value, attention_mask, dropout: floa
             or kwargs.get("output_attentions")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    return _attention_maths(query, key, value, attention_mask, dropout, scaling, True), None
+
+
+def _attention_maths(query, key, value, attention_mask, dropout: float, scaling, training: bool):
+    """softmax(q kᵀ · scale + mask) with `fast_dropout`, times v; [b, q, h, d]."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)
     if attention_mask is not None:
@@ -101,8 +106,8 @@ def fast_sdpa_attention(module, query, key, value, attention_mask, dropout: floa
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probs = fast_dropout(torch.softmax(scores, dim=-1), dropout)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    probs = fast_dropout(torch.softmax(scores, dim=-1), dropout, training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous()
 
 
 def register_attention() -> None:
@@ -169,14 +174,7 @@ class ClsOnlyLayer(nn.Module):
 
 def _cls_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """One query row against all keys (eager maths; dropout via `fast_dropout`)."""
-    scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scaling)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-        else:
-            scores = scores + attention_mask
-    probs = fast_dropout(torch.softmax(scores, dim=-1), dropout, module.training)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+    return _attention_maths(query, key, value, attention_mask, dropout, scaling, module.training), None
 
 
 _CLS_CLASSES: dict[type, type] = {}

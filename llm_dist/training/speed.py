@@ -98,20 +98,15 @@ class CompiledModel:
 
     def step(self, step_fn, optimizer, *args, **kwargs):
         """Run the step strategy; if compilation fails inside it, warn once, go eager, redo the step."""
-        if not self.active:
-            return step_fn(*args, **kwargs)
-        try:
-            return step_fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - only compile errors are caught, the rest re-raised
-            if not _is_compile_error(exc):
-                raise
-            self._fall_back(exc)
-            optimizer.zero_grad(set_to_none=True)  # the failed attempt may have accumulated some gradients
-            return step_fn(*args, **kwargs)
+        # the failed attempt may have accumulated some gradients: cleared before the eager retry
+        return self._guarded(step_fn, args, kwargs, lambda: optimizer.zero_grad(set_to_none=True))
 
     def call(self, fn, *args, **kwargs):
         """Run `fn` (evaluation: the compiled forward in eval mode / under no_grad is a new graph, compiled
         there for the first time); a compile error falls back to eager as in `step()` and `fn` runs again."""
+        return self._guarded(fn, args, kwargs, None)
+
+    def _guarded(self, fn, args, kwargs, before_retry):
         if not self.active:
             return fn(*args, **kwargs)
         try:
@@ -120,6 +115,8 @@ class CompiledModel:
             if not _is_compile_error(exc):
                 raise
             self._fall_back(exc)
+            if before_retry is not None:
+                before_retry()
             return fn(*args, **kwargs)
 
     def _fall_back(self, exc: BaseException) -> None:
