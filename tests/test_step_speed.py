@@ -166,6 +166,27 @@ def test_compile_runs_the_model_compiled_and_matches_eager(eager, tmp_path_facto
         assert not any("_orig_mod" in k for k in f.keys())
 
 
+@pytest.mark.slow  # inductor's C++ build: ~1 min on 2 cores
+def test_inductor_compiles_the_model_on_the_cpu(tmp_path_factory, tokenizer_dir):
+    """`compile: true` with the default backend, inductor, on this CPU: no fallback, the graphs compiled to
+    C++ kernels, and the losses those of the eager model (dropout off: inductor draws its own random
+    numbers, so with dropout the two runs would differ by design)."""
+    import shutil
+
+    if not (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")):
+        pytest.skip("inductor on the CPU needs a C++ compiler; none on PATH")
+    from torch._dynamo.utils import counters
+
+    no_dropout = ("--model.hidden_dropout=0", "--model.attention_dropout=0")
+    _, eager_losses, _ = _run(tmp_path_factory, tokenizer_dir, "eager-nodrop", *no_dropout)
+    counters.clear()
+    result, losses, _ = _run(tmp_path_factory, tokenizer_dir, "inductor", "--compile=true", *no_dropout)
+    assert result["compile"] == {"backend": "inductor", "compiled": True, "graphs": result["compile"]["graphs"],
+                                 "fallback": None} and result["compile"]["graphs"] >= 1
+    assert sum(counters["inductor"].values()) >= 1, dict(counters)  # inductor itself compiled the graphs
+    assert losses == pytest.approx(eager_losses, rel=1e-4) and len(losses) == 4
+
+
 @pytest.mark.slow  # tiny in-process runs (seconds each)
 def test_compile_failure_falls_back_to_eager_with_one_warning(eager, tmp_path_factory, tokenizer_dir,
                                                                monkeypatch, capsys):
