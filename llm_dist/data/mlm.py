@@ -136,12 +136,11 @@ def loader_epoch(state) -> int | None:
     if isinstance(state, dict):
         if "epoch" in state and "pending" in state:
             return int(state["epoch"])
-        found = [e for e in (loader_epoch(v) for v in state.values()) if e is not None]
-        return max(found) if found else None
-    if isinstance(state, (list, tuple)):
-        found = [e for e in (loader_epoch(v) for v in state) if e is not None]
-        return max(found) if found else None
-    return None
+        state = list(state.values())
+    if not isinstance(state, (list, tuple)):
+        return None
+    found = [e for e in map(loader_epoch, state) if e is not None]
+    return max(found) if found else None
 
 
 class PackedStream(torch.utils.data.IterableDataset):

@@ -28,6 +28,17 @@ import math
 
 import torch
 from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+def hf_models(model) -> list:
+    """The transformers `PreTrainedModel`s inside `model` (the MLM wrapper's `.hf`, a PEFT-wrapped classifier's
+    base model, or the model itself), outermost first."""
+    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+
 
 FAST_SDPA = "llm_dist_sdpa"  # the attention implementation name registered with transformers
 _LANES = 65536
@@ -87,8 +98,6 @@ def fast_sdpa_attention(module, query, key, value, attention_mask, dropout: floa
                         is_causal=None, **kwargs):
     """transformers' attention-function signature. SDPA unless attention dropout applies on CPU; then the
     math of SDPA's CPU path with `fast_dropout` on the probabilities. Returns (output [b, q, h, d], None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     if (dropout == 0.0 or not _use_fast(query) or causal or key.shape[1] != query.shape[1]
             or kwargs.get("output_attentions")):
@@ -112,9 +121,6 @@ def _attention_maths(query, key, value, attention_mask, dropout: float, scaling,
 
 def register_attention() -> None:
     """Make `llm_dist_sdpa` a transformers attention implementation (SDPA's mask builder)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     AttentionInterface.register(FAST_SDPA, fast_sdpa_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(FAST_SDPA, sdpa_mask)
 
@@ -133,8 +139,6 @@ def enable_fast_dropout(model: nn.Module) -> dict:
             m.__class__ = FastDropout
             n += 1
     attention = []
-    from ..training.speed import hf_models
-
     for hf in hf_models(model):
         if getattr(hf.config, "_attn_implementation", None) == "sdpa":
             register_attention()
@@ -152,8 +156,6 @@ class ClsOnlyLayer(nn.Module):
     """Mixin forward for a BERT-style encoder layer computing its output at position 0 only (see module doc)."""
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         sa, b, length = self.attention.self, hidden_states.shape[0], hidden_states.shape[1]
         cls = hidden_states[:, :1]
         d = sa.attention_head_size
@@ -182,8 +184,6 @@ _CLS_CLASSES: dict[type, type] = {}
 
 def cls_only_reason(model: nn.Module) -> str | None:
     """Why the [CLS]-only last layer cannot apply to `model` (None when it can)."""
-    from ..training.speed import hf_models
-
     heads = [m for m in hf_models(model) if type(m).__name__ in CLS_HEADS]
     if not heads:
         return f"{type(model).__name__} is not a sequence classifier that reads position 0 ({', '.join(CLS_HEADS)})"
@@ -211,8 +211,6 @@ def _has(module: nn.Module, name: str) -> bool:
 def enable_cls_only_last_layer(model: nn.Module) -> str:
     """Make the classifier's last encoder layer compute position 0 only (class swap: parameters and state-dict
     keys unchanged). Returns the layer's class name; raises ValueError with `cls_only_reason` if it cannot."""
-    from ..training.speed import hf_models
-
     reason = cls_only_reason(model)
     if reason:
         raise ValueError(reason)

@@ -80,6 +80,7 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
     if cfg.model.gradient_checkpointing:  # activations recomputed in backward (training/speed.py)
         enable_gradient_checkpointing(model)
     compiled = CompiledModel(model, cfg.compile_backend, main) if cfg.compile else None  # in place, before prepare
+    guarded = compiled.call if compiled is not None else (lambda fn, *args: fn(*args))  # evaluation, report
     params = _param_counts(model)
     total_steps = task.total_steps()
     eval_every, save_every = _every(cfg.eval_every, task), _every(cfg.save_every, task)
@@ -145,8 +146,7 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
         """task.evaluate, leaving early on every rank when any rank is signalled (signals.poll); None then."""
         stop.enter(phase)
         try:
-            metrics = (compiled.call(task.evaluate, model, state["step"]) if compiled is not None
-                       else task.evaluate(model, state["step"]))  # a compile error here: eager, evaluate again
+            metrics = guarded(task.evaluate, model, state["step"])  # a compile error here: eager, evaluate again
         except Interrupted:
             return None
         finally:
@@ -269,8 +269,7 @@ def run(cfg: RunConfig, stop: StopSignal | None = None, callbacks: list[Callback
             export_final(task, model, acc, out / "final")
             stop.enter("final report")
             try:
-                report = (compiled.call(task.final_report, model, out) if compiled is not None
-                          else task.final_report(model, out))
+                report = guarded(task.final_report, model, out)
             except Interrupted:
                 report, signalled = None, True
             if report is not None:

@@ -15,13 +15,7 @@ import sys
 
 import torch
 
-
-def hf_models(model) -> list:
-    """The transformers `PreTrainedModel`s inside `model` (the MLM wrapper's `.hf`, a PEFT-wrapped classifier's
-    base model, or the model itself), outermost first."""
-    from transformers import PreTrainedModel
-
-    return [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+from ..models.fast import cls_only_reason, enable_cls_only_last_layer, enable_fast_dropout, hf_models
 
 
 def enable_gradient_checkpointing(model) -> list[str]:
@@ -48,8 +42,6 @@ def apply_model_speedups(model, cfg, task) -> dict:
     """`model.fast_dropout` and `model.cls_only_last_layer` (models/fast.py) on the trainer's model; what
     applied goes to run.json. The [CLS]-only layer applies to a sequence classifier that reads position 0
     (not the prompt task's MLM head); elsewhere it is skipped and the record says why."""
-    from ..models.fast import cls_only_reason, enable_cls_only_last_layer, enable_fast_dropout
-
     record: dict = {}
     if cfg.model.fast_dropout:
         record["fast_dropout"] = enable_fast_dropout(model)
@@ -114,18 +106,15 @@ class CompiledModel:
         except Exception as exc:  # noqa: BLE001 - only compile errors are caught, the rest re-raised
             if not _is_compile_error(exc):
                 raise
-            self._fall_back(exc)
+            self.fallback = _error_line(exc)
+            if self.main:
+                print(f"warning: compile: the model did not compile with backend {self.backend!r} "
+                      f"({self.fallback}); running eagerly", file=sys.stderr, flush=True)
+            self.module._compiled_call_impl = None  # back to the module's own forward
+            torch._dynamo.reset()
             if before_retry is not None:
                 before_retry()
             return fn(*args, **kwargs)
-
-    def _fall_back(self, exc: BaseException) -> None:
-        self.fallback = _error_line(exc)
-        if self.main:
-            print(f"warning: compile: the model did not compile with backend {self.backend!r} "
-                  f"({self.fallback}); running eagerly", file=sys.stderr, flush=True)
-        self.module._compiled_call_impl = None  # back to the module's own forward
-        torch._dynamo.reset()
 
     def record(self) -> dict:
         """What run.json says about compilation."""
