@@ -266,10 +266,13 @@ def test_read_only_output_dir_parent(env, capsys):
     ro = base / "readonly"
     ro.mkdir()
     ro.chmod(0o555)
+    config = base / "tiny.yaml"  # beside it: `nobody` may not read the checkout (a clone inside a 0700 mktemp dir)
+    shutil.copyfile(CLASSIFY, config)
+    config.chmod(0o644)
     capsys.readouterr()
     try:
         with _unprivileged():
-            rc = main(["train", CLASSIFY, f"--output_dir={ro / 'run'}", "--tracking.progress=false"])
+            rc = main(["train", str(config), f"--output_dir={ro / 'run'}", "--tracking.progress=false"])
     finally:
         ro.chmod(0o755)
         created = list(ro.iterdir())
